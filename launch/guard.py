@@ -1,0 +1,81 @@
+"""Runs one program on a remote host for the launcher and stops it, with everything
+it started, when the launcher goes away. Usage (the launcher writes this line):
+`python -m launch.guard [--grace S] [--bind-index K] -- COMMAND...`
+
+Why: ssh (and srun) cannot signal a remote process group. The launcher holds this
+guard's stdin open instead; when it closes it (to stop the job) or dies, stdin reaches
+EOF here and the guard sends SIGTERM to its process group, then SIGKILL after the grace
+period. The program stays in the guard's group so that a launcher that *can* signal
+the group locally (`ip netns exec`) reaches it too.
+"""
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from launch.local import core_for
+
+POLL_S = 0.1
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="python -m launch.guard")
+    parser.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
+    parser.add_argument("--bind-index", type=int, help="pin the program to this host's k-th core")
+    parser.add_argument("command", nargs=argparse.REMAINDER)
+    args = parser.parse_args(argv)
+    if args.command[:1] == ["--"]:
+        args.command = args.command[1:]
+    if not args.command:
+        parser.error("no command given after --")
+    return args
+
+
+def watch_stdin(stop):
+    """Sets `stop` when stdin reaches EOF: the launcher closed it or went away."""
+    while True:
+        try:
+            if not os.read(0, 65536):
+                break
+        except OSError:
+            break
+    stop.set()
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)  # a group of our own, so the stop reaches nothing else
+    if args.bind_index is not None:
+        os.sched_setaffinity(0, {core_for(args.bind_index, os.sched_getaffinity(0))})
+    stop = threading.Event()
+    # A signal to us asks for the same stop as a closed stdin; our own SIGTERM to the
+    # group comes back here too and must not end the guard before its program.
+    for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop.set())
+    try:
+        program = subprocess.Popen(args.command, stdin=subprocess.DEVNULL)
+    except OSError as error:
+        print(f"launch.guard: cannot start {' '.join(args.command)}: {error}", file=sys.stderr)
+        return 127
+    threading.Thread(target=watch_stdin, args=(stop,), daemon=True).start()
+
+    while program.poll() is None and not stop.wait(POLL_S):
+        pass
+    if program.poll() is None:
+        os.killpg(os.getpgrp(), signal.SIGTERM)
+        try:
+            program.wait(timeout=args.grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(os.getpgrp(), signal.SIGKILL)  # ends the guard as well
+    # Anything the program left running in our group goes too.
+    os.killpg(os.getpgrp(), signal.SIGTERM)
+    code = program.returncode
+    return 128 - code if code < 0 else code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

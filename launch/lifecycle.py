@@ -1,0 +1,276 @@
+"""Runs the processes of one job: starts them, relays their output, and stops
+them all when the workers are done, when one process fails, or on Ctrl-C/SIGTERM."""
+
+import contextlib
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from launch.output import LinePrefixer, prefix_for
+
+STOP_GRACE_S = 5.0      # SIGTERM, then SIGKILL this much later
+DRAIN_DEADLINE_S = 2.0  # output still buffered in pipes after the last exit
+POLL_S = 0.05
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@dataclass
+class LaunchCommand:
+    """How a back end starts one process on this machine."""
+    argv: list
+    env: dict
+    # Remote processes run under launch.guard, which stops its program when its
+    # stdin closes: that is how a stop reaches a process behind ssh or srun.
+    stopped_by_closing_stdin: bool = False
+    cpu: int | None = None  # pin the process to this core (--bind, local back end)
+
+
+class Child:
+    """One started process: its Popen, its output relays, and how it ended."""
+
+    def __init__(self, process, command):
+        self.process = process
+        self.command = command
+        self.popen = None
+        self.returncode = None
+        self.killed_by_us = False
+        self.relays = {}  # fd -> LinePrefixer
+
+    @property
+    def name(self):
+        return self.process.name
+
+    def start(self, log_file):
+        prefix = prefix_for(self.name)
+        stdin = subprocess.PIPE if self.command.stopped_by_closing_stdin else subprocess.DEVNULL
+        with pinned_to(self.command.cpu):
+            # A session of its own: Ctrl-C at the terminal reaches only us, and we
+            # can signal the process with everything it started, as one group.
+            self.popen = subprocess.Popen(
+                self.command.argv, env=self.command.env, stdin=stdin,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.relays[self.popen.stdout.fileno()] = LinePrefixer(prefix, sys.stdout.buffer, log_file)
+        self.relays[self.popen.stderr.fileno()] = LinePrefixer(prefix, sys.stderr.buffer, log_file)
+
+    def poll(self):
+        if self.returncode is None and self.popen is not None:
+            self.returncode = self.popen.poll()
+            if self.returncode is not None:
+                # Whatever it left behind in its group goes with it.
+                self.signal_group(signal.SIGKILL)
+        return self.returncode
+
+    @property
+    def running(self):
+        return self.popen is not None and self.returncode is None
+
+    def ask_to_stop(self):
+        if self.command.stopped_by_closing_stdin:
+            with contextlib.suppress(OSError):
+                self.popen.stdin.close()
+        else:
+            self.signal_group(signal.SIGTERM)
+
+    def kill(self):
+        self.killed_by_us = True
+        self.signal_group(signal.SIGKILL)
+
+    def signal_group(self, signum):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signum)
+
+
+@contextlib.contextmanager
+def pinned_to(cpu):
+    """Runs the body with this thread pinned to `cpu`, so a child forked inside
+    is born pinned (no window where its BLAS threads start elsewhere)."""
+    if cpu is None:
+        yield
+        return
+    saved = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {cpu})
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, saved)
+
+
+def describe_status(code):
+    """0, 3, or a signal's name for a process that a signal ended."""
+    if code is None:
+        return "-"
+    if code < 0:
+        with contextlib.suppress(ValueError):
+            return signal.Signals(-code).name
+    return str(code)
+
+
+def exit_code_for(code):
+    """The launcher's own exit code for a child's: shells' 128+N for signal N."""
+    return 128 - code if code < 0 else code
+
+
+class Job:
+    def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S):
+        self.children = [Child(process, command) for process, command in zip(processes, commands)]
+        self.log_dir = log_dir
+        self.grace_s = grace_s
+        self.selector = selectors.DefaultSelector()
+        self.log_files = []
+        self.exit_code = 0
+        self.stopping = False
+        self.kill_at = None
+        self.signal_received = None
+        self.started_at = None
+
+    def run(self):
+        """Runs the job to its end and returns the launcher's exit code."""
+        self.started_at = time.monotonic()
+        previous_handlers = {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+        try:
+            self._start_all()
+            while any(child.running for child in self.children):
+                self._relay_output(POLL_S)
+                self._check_signal()
+                self._check_exits()
+                self._check_kill_deadline()
+        finally:
+            for child in self.children:
+                if child.running:
+                    child.kill()
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.popen.wait(timeout=self.grace_s)
+                    child.returncode = child.popen.returncode
+            self._drain_output()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            for log_file in self.log_files:
+                log_file.close()
+        self._print_summary()
+        return self.exit_code
+
+    def _start_all(self):
+        if self.log_dir:
+            os.makedirs(self.log_dir, exist_ok=True)
+        for child in self.children:
+            if self.stopping:
+                return
+            log_file = None
+            if self.log_dir:
+                log_file = open(os.path.join(self.log_dir, child.name.replace(" ", "-") + ".log"), "wb")
+                self.log_files.append(log_file)
+            try:
+                child.start(log_file)
+            except OSError as error:
+                self._fail(f"cannot start {child.name} ({' '.join(child.command.argv)}): {error}", 127)
+                return
+            for fd in child.relays:
+                self.selector.register(fd, selectors.EVENT_READ, child)
+
+    def _on_signal(self, signum, frame):
+        if self.signal_received is not None:
+            # A second Ctrl-C: the user does not want to wait for the grace period.
+            self.kill_at = time.monotonic()
+        self.signal_received = signum
+
+    def _check_signal(self):
+        if self.signal_received is not None and not self.stopping:
+            name = signal.Signals(self.signal_received).name
+            self._say(f"got {name}, stopping every process")
+            self.exit_code = 128 + self.signal_received
+            self._stop_all()
+
+    def _check_exits(self):
+        for child in self.children:
+            was_running = child.running
+            code = child.poll()
+            if not was_running or code is None:
+                continue
+            if code != 0 and not self.stopping:
+                self._fail(f"{child.name} exited with code {code}{self._signal_hint(child, code)}",
+                           exit_code_for(code))
+            elif code != 0 and self.exit_code == 0 and not child.killed_by_us:
+                # Every worker succeeded, but a server failed while shutting down.
+                self._say(f"{child.name} exited with code {code} while stopping")
+                self.exit_code = exit_code_for(code)
+        workers = [child for child in self.children if child.process.role == "worker"]
+        if not self.stopping and all(child.returncode == 0 for child in workers):
+            self._stop_all()
+
+    @staticmethod
+    def _signal_hint(child, code):
+        if code < 0:
+            return f" ({describe_status(code)})"
+        if child.command.stopped_by_closing_stdin and code > 128:
+            # launch.guard reports a signal on the remote host as 128+N.
+            with contextlib.suppress(ValueError):
+                return f" ({signal.Signals(code - 128).name} on {child.process.host.name})"
+        return ""
+
+    def _fail(self, message, exit_code):
+        self._say(message)
+        self.exit_code = exit_code
+        self._stop_all()
+
+    def _stop_all(self):
+        self.stopping = True
+        self.kill_at = time.monotonic() + self.grace_s
+        for child in self.children:
+            if child.running:
+                child.ask_to_stop()
+
+    def _check_kill_deadline(self):
+        if self.kill_at is not None and time.monotonic() >= self.kill_at:
+            for child in self.children:
+                if child.running:
+                    self._say(f"{child.name} did not stop within {self.grace_s:g} s; killing it")
+                    child.kill()
+            self.kill_at = None
+
+    def _relay_output(self, timeout):
+        if not self.selector.get_map():
+            time.sleep(timeout)
+            return
+        for key, _ in self.selector.select(timeout):
+            chunk = os.read(key.fd, 65536)
+            relay = key.data.relays[key.fd]
+            if chunk:
+                relay.feed(chunk)
+            else:
+                relay.close()
+                self.selector.unregister(key.fd)
+
+    def _drain_output(self):
+        """Relays what is left in the pipes; a pipe that a stray process still holds
+        open is given up after DRAIN_DEADLINE_S rather than waited for."""
+        deadline = time.monotonic() + DRAIN_DEADLINE_S
+        while self.selector.get_map() and time.monotonic() < deadline:
+            self._relay_output(POLL_S)
+        for child in self.children:
+            for relay in child.relays.values():
+                relay.close()
+            if child.popen is not None:
+                for stream in (child.popen.stdin, child.popen.stdout, child.popen.stderr):
+                    if stream is not None:
+                        with contextlib.suppress(OSError):
+                            stream.close()
+        self.selector.close()
+
+    def _print_summary(self):
+        wall_s = time.monotonic() - self.started_at
+        parts = []
+        for role, label in (("scheduler", "scheduler"), ("server", "servers"), ("worker", "workers")):
+            codes = [describe_status(child.returncode) for child in self.children
+                     if child.process.role == role]
+            if codes:
+                parts.append(f"{label} {' '.join(codes)}")
+        self._say(f"finished in {wall_s:.1f} s, exit {self.exit_code}; " + "; ".join(parts))
+
+    @staticmethod
+    def _say(message):
+        sys.stderr.write(f"launch: {message}\n")
+        sys.stderr.flush()
