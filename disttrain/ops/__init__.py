@@ -6,3 +6,6 @@ from disttrain.ops.linalg import matmul
 from disttrain.ops.reduce import log_softmax, logsumexp, max, mean, min, softmax, sum, var
 from disttrain.ops.shape import (broadcast_to, concat, expand_dims, getitem, pad, reshape, split,
                                  squeeze, stack, transpose)
+from disttrain.ops.conv import avg_pool2d, conv2d, max_pool2d
+from disttrain.ops.nn import (batch_norm, binary_cross_entropy_with_logits, cross_entropy, dropout, embedding,
+                              layer_norm, mse_loss)
