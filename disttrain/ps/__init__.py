@@ -1,0 +1,1 @@
+"""The parameter server: wire protocol, transport, scheduler, servers and the worker's KVStore."""

@@ -1,0 +1,33 @@
+"""`python -m disttrain.ps`: run the scheduler or a server, as DISTTRAIN_ROLE says."""
+import os
+import sys
+
+from disttrain.ps import scheduler, server, transport
+
+
+def _env_int(name):
+    value = os.environ.get(name, "")
+    if not value.isdigit():
+        raise SystemExit(f"disttrain: {name}={value!r} must be a non-negative integer")
+    return int(value)
+
+
+def main():
+    role = os.environ.get("DISTTRAIN_ROLE", "")
+    if "DISTTRAIN_SCHEDULER" not in os.environ:
+        raise SystemExit("disttrain: DISTTRAIN_SCHEDULER (host:port) is not set")
+    server.install_sigterm_exit()
+    if role == "scheduler":
+        return scheduler.Scheduler(
+            os.environ["DISTTRAIN_SCHEDULER"], _env_int("DISTTRAIN_NUM_WORKERS"),
+            _env_int("DISTTRAIN_NUM_SERVERS"),
+            heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
+            timeout=transport.default_timeout()).run()
+    if role == "server":
+        return server.serve(scheduler.Membership.from_env("server"))
+    raise SystemExit(f"disttrain: DISTTRAIN_ROLE={role!r}: `python -m disttrain.ps` runs "
+                     f"'scheduler' or 'server' (workers are your training program)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

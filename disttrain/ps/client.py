@@ -1,0 +1,251 @@
+"""The worker side of the parameter server (ps-lite's KVWorker): `KVStore` cuts each key
+into the servers' chunks and sends init / push / pull / pushpull to all servers at once;
+every call has a non-blocking form returning a `Handle`."""
+import itertools
+
+import numpy as np
+
+from disttrain.ps import protocol, transport
+from disttrain.ps.protocol import Message, Payload
+from disttrain.ps.server import chunk_layout
+
+
+class PSError(RuntimeError):
+    """A server refused a request; the text is the server's explanation."""
+
+
+class Handle:
+    """An outstanding request to one or more servers. `wait()` blocks (with the store's
+    deadline) until every server answered, and raises if one of them refused."""
+
+    def __init__(self, store, what, requests, on_reply=None):
+        self.store, self.what = store, what
+        self.outstanding = set(requests)     # request ids still unanswered
+        self.on_reply = on_reply             # called with each reply Message
+        self.errors = []
+
+    def done(self):
+        if self.outstanding:
+            self.store._pump(0)
+        return not self.outstanding
+
+    def _answer(self, reply):
+        self.outstanding.discard(reply.id)
+        if reply.op == "error":
+            self.errors.append(f"{reply.sender}: {reply.meta.get('error')}")
+        elif self.on_reply is not None:
+            self.on_reply(reply)
+
+    def wait(self):
+        deadline = transport.Deadline(self.store.timeout, self.what)
+        while self.outstanding:
+            if self.store.membership is not None:
+                self.store.membership.check()
+            deadline.check()
+            self.store._pump(deadline.poll_ms())
+        if self.errors:
+            raise PSError(f"{self.what} failed: " + "; ".join(self.errors))
+
+
+class KVStore:
+    """Keys are declared (shape, dtype, sparse) on every worker; rank 0 calls `init`.
+
+    Gradients are sent zero-copy: an array handed to `push` must not change until its
+    handle is done (the acknowledgement means the server has it).
+    """
+
+    def __init__(self, book, rank, membership=None, timeout=None,
+                 max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
+        self.rank, self.membership = rank, membership
+        self.timeout = timeout if timeout is not None else transport.default_timeout()
+        identity = transport.new_identity(f"worker{rank}")
+        self.connections = [transport.Connection(transport.pick_address(server), identity,
+                                                 max_message_bytes)
+                            for server in book["server"]]
+        self.num_workers = len(book["worker"])
+        self.specs = {}        # name -> (shape, dtype, sparse, chunks)
+        self.handles = {}      # request id -> Handle
+        self._ids = itertools.count(1)
+        self._poller = None
+
+    # --- keys -------------------------------------------------------------------
+    def declare(self, name, shape, dtype, sparse=False):
+        shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        if dtype.name not in protocol.DTYPES:
+            raise ValueError(f"key {name!r}: dtype {dtype} is not one of {protocol.DTYPES}")
+        chunks = chunk_layout(name, shape, dtype, len(self.connections))
+        self.specs[name] = (shape, dtype, sparse, chunks)
+
+    def _spec(self, name):
+        if name not in self.specs:
+            raise KeyError(f"key {name!r} was never declared (declared: {sorted(self.specs)[:5]}...)")
+        return self.specs[name]
+
+    # --- sending ----------------------------------------------------------------
+    def _send(self, op, what, per_server, meta, on_reply=None):
+        """per_server: {server: (keys, payloads)}; one request per server, all sent before
+        any reply is awaited so the servers work concurrently."""
+        requests = []
+        handle = Handle(self, what, [], on_reply)
+        for server, (keys, payloads) in sorted(per_server.items()):
+            request_id = next(self._ids)
+            requests.append(request_id)
+            handle.outstanding.add(request_id)
+            self.handles[request_id] = handle
+            self.connections[server].send(Message(op, request_id, f"worker-{self.rank}",
+                                                  keys, payloads, meta))
+        return handle
+
+    def _dense_payloads(self, name, array, per_server, with_chunk=None):
+        shape, dtype, _, chunks = self._spec(name)
+        if array.shape != shape:
+            raise ValueError(f"key {name!r}: array of shape {array.shape}, declared {shape}")
+        flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
+        for chunk in chunks:
+            keys, payloads = per_server.setdefault(chunk.server, ([], []))
+            index = len(keys)
+            keys.append(name)
+            for offset, piece in protocol.split_frames(flat[chunk.start:chunk.stop]):
+                payloads.append(Payload(index, "dense", chunk.start + offset, piece))
+
+    def _row_payloads(self, name, rows, values, per_server):
+        """Split sorted global rows (and their values, if any) by the chunk owning them."""
+        shape, dtype, _, chunks = self._spec(name)
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= (shape[0] if shape else 1)):
+            raise ValueError(f"key {name!r}: rows outside 0..{shape[0] - 1}")
+        if values is not None:
+            values = np.ascontiguousarray(values, dtype=dtype).reshape(len(rows), -1)
+        bounds = np.searchsorted(rows, [c.row_start for c in chunks] + [chunks[-1].row_stop])
+        row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
+        rows_per_frame = max(1, protocol.FRAME_BYTES // row_bytes)
+        for chunk, lo, hi in zip(chunks, bounds[:-1], bounds[1:]):
+            keys, payloads = per_server.setdefault(chunk.server, ([], []))
+            index = len(keys)
+            keys.append(name)
+            for s in range(lo, hi, rows_per_frame):
+                e = min(hi, s + rows_per_frame)
+                payloads.append(Payload(index, "rows", s - lo, rows[s:e]))
+                if values is not None:
+                    payloads.append(Payload(index, "values", s - lo, values[s:e]))
+
+    def _grad_payloads(self, grads):
+        per_server = {}
+        for name, grad in grads.items():
+            if grad is None:   # an empty push: "no gradient this clock" still counts
+                for chunk in self._spec(name)[3]:
+                    keys, _ = per_server.setdefault(chunk.server, ([], []))
+                    keys.append(name)
+            elif hasattr(grad, "indices"):   # RowSparseGrad
+                self._row_payloads(name, grad.indices, grad.values, per_server)
+            else:
+                self._dense_payloads(name, np.asarray(grad), per_server)
+        return per_server
+
+    def _pull_into(self, outs):
+        """A reply callback writing each dense / row payload into the caller's arrays."""
+        def on_reply(reply):
+            pending_rows = None
+            for p in reply.payloads:
+                out = outs[reply.keys[p.key]]
+                if p.kind == "dense":
+                    out.reshape(-1)[p.start:p.start + p.array.size] = p.array
+                elif p.kind == "rows":
+                    pending_rows = p.array
+                else:
+                    out[pending_rows] = p.array.reshape((len(pending_rows),) + out.shape[1:])
+        return on_reply
+
+    # --- the API ----------------------------------------------------------------
+    def init_async(self, arrays, optimizer, mode="sync", staleness=0):
+        per_server = {}
+        for name, array in arrays.items():
+            self._dense_payloads(name, np.asarray(array), per_server)
+        handles = []
+        for server, (keys, payloads) in per_server.items():
+            specs = [{"shape": list(self.specs[k][0]), "dtype": self.specs[k][1].name,
+                      "sparse": self.specs[k][2]} for k in keys]
+            meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
+                    "specs": specs}
+            handles.append(self._send("init", "init", {server: (keys, payloads)}, meta))
+        return _Group(handles)
+
+    def push_async(self, grads, clock, lr):
+        """grads: {name: ndarray | RowSparseGrad | None}; None says 'no gradient this clock'."""
+        meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
+        return self._send("push", f"push of clock {clock}", self._grad_payloads(grads), meta)
+
+    def pull_async(self, outs, clock, rows=None):
+        """outs: {name: array} written in place; rows: {name: sorted unique row indices}
+        pulls only those rows of a key. `clock` is this worker's clock: in sync mode the
+        reply waits until every worker's pushes of earlier clocks were applied."""
+        rows = rows or {}
+        per_server = {}
+        for name in outs:
+            if name in rows:
+                self._row_payloads(name, rows[name], None, per_server)
+            else:
+                for chunk in self._spec(name)[3]:
+                    per_server.setdefault(chunk.server, ([], []))[0].append(name)
+        meta = {"clock": int(clock), "rank": self.rank}
+        return self._send("pull", f"pull at clock {clock}", per_server, meta,
+                          self._pull_into(outs))
+
+    def pushpull_async(self, grads, outs, clock, lr):
+        """Push the gradients of clock `clock` and pull the weights of clock + 1 in one
+        round trip (dense keys only; grads and outs name the same keys)."""
+        per_server = self._grad_payloads(grads)
+        meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
+        return self._send("pushpull", f"pushpull of clock {clock}", per_server, meta,
+                          self._pull_into(outs))
+
+    def init(self, arrays, optimizer, mode="sync", staleness=0):
+        self.init_async(arrays, optimizer, mode, staleness).wait()
+
+    def push(self, grads, clock, lr):
+        self.push_async(grads, clock, lr).wait()
+
+    def pull(self, outs, clock, rows=None):
+        self.pull_async(outs, clock, rows).wait()
+
+    def pushpull(self, grads, outs, clock, lr):
+        self.pushpull_async(grads, outs, clock, lr).wait()
+
+    # --- receiving --------------------------------------------------------------
+    def _pump(self, timeout_ms):
+        """Receive whatever replies have arrived (waiting up to timeout_ms for the first)
+        and hand each to its Handle."""
+        if self._poller is None:
+            import zmq
+            self._poller = zmq.Poller()
+            for connection in self.connections:
+                self._poller.register(connection.socket, zmq.POLLIN)
+        ready = dict(self._poller.poll(timeout_ms))
+        for connection in self.connections:
+            if connection.socket not in ready:
+                continue
+            while True:
+                reply = connection.receive(0)
+                if reply is None:
+                    break
+                handle = self.handles.pop(reply.id, None)
+                if handle is not None:
+                    handle._answer(reply)
+
+    def close(self):
+        for connection in self.connections:
+            connection.close()
+
+
+class _Group:
+    """Several handles waited on as one."""
+
+    def __init__(self, handles):
+        self.handles = handles
+
+    def done(self):
+        return all(h.done() for h in self.handles)
+
+    def wait(self):
+        for handle in self.handles:
+            handle.wait()

@@ -1,0 +1,285 @@
+"""Membership (ps-lite's postoffice): the scheduler assigns ranks, hands out the address
+book, runs barriers, watches heartbeats and tells everyone which process died; Membership
+is the node side of all that."""
+import itertools
+import os
+import sys
+import threading
+import time
+
+from disttrain.ps import protocol, transport
+from disttrain.ps.protocol import Message
+
+ROLES = ("server", "worker")
+
+
+def _say(text):
+    print(f"disttrain: {text}", file=sys.stderr, flush=True)
+
+
+def heartbeat_identity(node_id):
+    """The socket identity of a node's heartbeat thread: the scheduler sends dead-peer and
+    shutdown notices there, even before the first beat arrived."""
+    return (node_id + "/heartbeat").encode()
+
+
+def heartbeat_interval(timeout):
+    # Several beats per timeout, so one late beat (a busy GIL) is never fatal.
+    return min(1.0, timeout / 5)
+
+
+class Scheduler:
+    """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
+
+    def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
+                 timeout=300.0):
+        host, port = transport.split_host_port(address)
+        bind_host = "*" if host in ("0.0.0.0", "") else host
+        self.listener = transport.Listener(bind_host, tcp_port=port, with_ipc=False)
+        self.size = {"worker": num_workers, "server": num_servers}
+        self.heartbeat_timeout, self.timeout = heartbeat_timeout, timeout
+        self.nodes = {}          # node id -> info dict from register (+ rank, last_seen)
+        self.pending = []        # (identity, message) registrations before the book is out
+        self.book = None
+        self.barriers = {}       # group -> list of (identity, request id)
+        self.said_goodbye = set()
+        self.started = time.monotonic()
+
+    # --- requests -------------------------------------------------------------
+    def handle(self, identity, message):
+        if message.op == "register":
+            return self._register(identity, message)
+        node = self.nodes.get(message.meta.get("node"))
+        if node is None and message.op == "heartbeat":
+            # The heartbeat thread starts before registration is answered.
+            return self.listener.send(identity, Message("reply", message.id, "scheduler"))
+        if node is None:
+            return self._error(identity, message, f"{message.op} from unregistered node "
+                                                  f"{message.meta.get('node')!r}")
+        node["last_seen"] = time.monotonic()
+        if message.op == "heartbeat":
+            self.listener.send(identity, Message("reply", message.id, "scheduler"))
+        elif message.op == "barrier":
+            self._barrier(identity, message)
+        elif message.op == "goodbye":
+            self.said_goodbye.add(message.meta["node"])
+            self.listener.send(identity, Message("reply", message.id, "scheduler"))
+        else:
+            self._error(identity, message, f"the scheduler does not serve op {message.op!r}")
+
+    def _error(self, identity, message, text):
+        _say(f"scheduler: bad request from {message.sender}: {text}")
+        self.listener.send(identity, protocol.error_reply(message.id, "scheduler", text))
+
+    def _register(self, identity, message):
+        meta = message.meta
+        role, node_id = meta.get("role"), meta.get("node")
+        if role not in ROLES or not isinstance(node_id, str):
+            return self._error(identity, message, f"register needs role in {ROLES} and a node "
+                                                  f"id, got role={role!r} node={node_id!r}")
+        if self.book is not None:
+            return self._error(identity, message, f"{role} registered after the job started")
+        requested = meta.get("rank")
+        if requested is not None and not (isinstance(requested, int)
+                                          and 0 <= requested < self.size[role]):
+            return self._error(identity, message, f"{role} asked for rank {requested!r}, "
+                                                  f"valid ranks are 0..{self.size[role] - 1}")
+        taken = [n for n in self.nodes.values() if n["role"] == role]
+        if requested is not None and any(n.get("rank") == requested for n in taken):
+            return self._error(identity, message, f"{role} rank {requested} registered twice")
+        if len(taken) >= self.size[role]:
+            return self._error(identity, message, f"more than {self.size[role]} {role}s "
+                                                  f"registered")
+        self.nodes[node_id] = dict(meta, last_seen=time.monotonic())
+        self.pending.append((identity, message))
+        if len(self.nodes) == sum(self.size.values()):
+            self._send_book()
+
+    def _send_book(self):
+        book = {"worker": [None] * self.size["worker"], "server": [None] * self.size["server"]}
+        for node in self.nodes.values():
+            if node.get("rank") is not None:
+                book[node["role"]][node["rank"]] = node
+        # Processes without a launcher rank fill the free ranks in registration order.
+        for identity, message in self.pending:
+            node = self.nodes[message.meta["node"]]
+            if node.get("rank") is None:
+                node["rank"] = book[node["role"]].index(None)
+                book[node["role"]][node["rank"]] = node
+        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns")}
+                         for n in nodes] for role, nodes in book.items()}
+        self.book = public
+        for identity, message in self.pending:
+            node = self.nodes[message.meta["node"]]
+            self.listener.send(identity, Message("reply", message.id, "scheduler",
+                                                 meta={"rank": node["rank"], "book": public}))
+        self.pending = []
+
+    def _barrier(self, identity, message):
+        group = message.meta.get("group")
+        if group not in ("worker", "server", "all"):
+            return self._error(identity, message, f"unknown barrier group {group!r}")
+        waiting = self.barriers.setdefault(group, [])
+        waiting.append((identity, message.id))
+        needed = sum(self.size.values()) if group == "all" else self.size[group]
+        if len(waiting) == needed:
+            for waiter, request_id in waiting:
+                self.listener.send(waiter, Message("reply", request_id, "scheduler"))
+            self.barriers[group] = []
+
+    # --- liveness -------------------------------------------------------------
+    def dead_node(self):
+        """The first watched node silent for longer than the heartbeat timeout."""
+        now = time.monotonic()
+        for node_id, node in self.nodes.items():
+            if node_id in self.said_goodbye:
+                continue
+            if now - node["last_seen"] > self.heartbeat_timeout:
+                return node, now - node["last_seen"]
+        return None, 0.0
+
+    def broadcast(self, op, text=""):
+        for node_id in self.nodes:
+            self.listener.send(heartbeat_identity(node_id),
+                               Message(op, 0, "scheduler", meta={"text": text}))
+
+    def all_workers_left(self):
+        workers = [i for i, n in self.nodes.items() if n["role"] == "worker"]
+        return len(workers) == self.size["worker"] and set(workers) <= self.said_goodbye
+
+    def run(self):
+        """Serve until every worker said goodbye (exit 0) or a peer died (exit 1)."""
+        try:
+            while True:
+                if self.listener.socket.poll(100):
+                    try:
+                        identity, message = self.listener.receive()
+                    except protocol.ProtocolError as error:
+                        _say(f"scheduler: rejected message: {error}")
+                        self.listener.send(error.identity, protocol.error_reply(
+                            error.request_id, "scheduler", str(error)))
+                        continue
+                    self.handle(identity, message)
+                if self.book is None and time.monotonic() - self.started > self.timeout:
+                    _say(f"scheduler: only {len(self.nodes)} of {sum(self.size.values())} "
+                         f"processes registered within {self.timeout:g} s")
+                    return 1
+                node, silent = self.dead_node()
+                if node is not None:
+                    rank = "?" if node.get("rank") is None else node["rank"]
+                    text = f"dead: {node['role']} {rank} (no heartbeat for {silent:.1f} s)"
+                    _say(text)
+                    self.broadcast("dead", text)
+                    return 1
+                if self.all_workers_left():
+                    self.broadcast("shutdown")
+                    return 0
+        finally:
+            # Linger so the dead / shutdown notices leave even on a busy machine.
+            self.listener.close(linger_ms=2000)
+            transport.context().term()
+
+
+class Membership:
+    """A server's or worker's link to the scheduler: register, barrier, goodbye from the
+    calling thread; heartbeats and dead-peer notices on a background thread with its own
+    socket (zmq sockets are never shared between threads)."""
+
+    def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
+                 exit_on_dead=False):
+        self.role, self.timeout = role, timeout
+        self.scheduler_address = f"tcp://{scheduler_address}"
+        self.heartbeat_timeout = heartbeat_timeout
+        self.exit_on_dead = exit_on_dead
+        self.node_id = transport.new_identity(role).decode()
+        self.rank = None
+        self.dead = None          # text of the dead-peer notice, once one arrived
+        self.shutdown = threading.Event()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
+        self._beats = None
+
+    @classmethod
+    def from_env(cls, role, **kwargs):
+        return cls(role, os.environ["DISTTRAIN_SCHEDULER"],
+                   heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
+                   timeout=transport.default_timeout(), **kwargs)
+
+    def check(self):
+        if self.dead:
+            raise transport.PeerDied(self.dead)
+
+    def _request(self, op, what, **meta):
+        message = Message(op, next(self._ids), f"{self.role}-{self.rank}",
+                          meta=dict(meta, node=self.node_id))
+        reply = self._requests.request(message, transport.Deadline(self.timeout, what),
+                                       self.check)
+        if reply.op == "error":
+            raise RuntimeError(f"scheduler refused {op}: {reply.meta.get('error')}")
+        return reply
+
+    def register(self, tcp="", ipc="", rank=None):
+        """Blocks until every process registered; returns the address book
+        {"server": [...], "worker": [...]} (entries have rank, tcp, ipc, hostname, netns)."""
+        hostname, netns = transport.host_identity()
+        self._start_heartbeats()
+        reply = self._request("register", f"register with the scheduler at "
+                                          f"{self.scheduler_address}",
+                              role=self.role, rank=rank, tcp=tcp, ipc=ipc,
+                              hostname=hostname, netns=netns, pid=os.getpid())
+        self.rank = reply.meta["rank"]
+        return reply.meta["book"]
+
+    def barrier(self, group="worker"):
+        self._request("barrier", f"barrier of group {group!r}", group=group)
+
+    def goodbye(self):
+        self._request("goodbye", "goodbye to the scheduler")
+
+    def _start_heartbeats(self):
+        self._beats = threading.Thread(target=self._heartbeat_loop, daemon=True,
+                                       name="disttrain-heartbeat")
+        self._beats.start()
+
+    def _heartbeat_loop(self):
+        connection = transport.Connection(self.scheduler_address,
+                                          heartbeat_identity(self.node_id))
+        interval = heartbeat_interval(self.heartbeat_timeout)
+        last_answer = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
+                                        meta={"node": self.node_id}))
+                next_beat = time.monotonic() + interval
+                while time.monotonic() < next_beat and not self._stop.is_set():
+                    notice = connection.receive(50)
+                    if notice is None:
+                        continue
+                    last_answer = time.monotonic()
+                    if notice.op == "dead":
+                        return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
+                    if notice.op == "shutdown":
+                        self.shutdown.set()
+                        return
+                silent = time.monotonic() - last_answer
+                if silent > self.heartbeat_timeout and not self._stop.is_set():
+                    return self._peer_died(f"dead: scheduler (no heartbeat for {silent:.1f} s)")
+        finally:
+            connection.close()
+
+    def _peer_died(self, text):
+        _say(text)
+        self.dead = text
+        if self.exit_on_dead:
+            os._exit(1)
+        # Workers get a grace period to raise PeerDied from their blocking call and exit
+        # by themselves; a worker stuck elsewhere is ended so nothing is left behind.
+        if not self._stop.wait(5.0):
+            os._exit(1)
+
+    def close(self):
+        self._stop.set()
+        if self._beats is not None:
+            self._beats.join(timeout=2)
+        self._requests.close()

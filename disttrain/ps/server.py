@@ -1,0 +1,448 @@
+"""Parameter servers: how keys are cut into chunks across servers, and a server's state
+machine (init, push, pull under sync / async / ssp, optimizer updates). The update logic
+never touches a socket; `serve()` at the bottom wires it to the transport."""
+import os
+import signal
+import sys
+import time
+import traceback
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from disttrain.optim import rules
+from disttrain.ps import protocol, transport
+from disttrain.ps.protocol import Message, Payload
+
+MODES = ("sync", "async", "ssp")
+
+# Keys smaller than this live whole on one server: splitting a bias costs a message per
+# server and buys no bandwidth.
+MIN_SPLIT_BYTES = 64 * 1024
+
+
+class RequestError(ValueError):
+    """A well-formed message that asks for something invalid; the text goes back to the sender."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    server: int
+    row_start: int
+    row_stop: int
+    row_size: int      # elements per row (product of shape[1:])
+
+    @property
+    def start(self):   # flat element offsets of the chunk within the key
+        return self.row_start * self.row_size
+
+    @property
+    def stop(self):
+        return self.row_stop * self.row_size
+
+
+def chunk_layout(name, shape, dtype, num_servers):
+    """Contiguous row ranges of a key, one per server: a big key on every server, a small
+    one whole on the server its name hashes to (so many small keys spread out)."""
+    shape = tuple(int(n) for n in shape)
+    rows = shape[0] if shape else 1
+    row_size = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    nbytes = rows * row_size * np.dtype(dtype).itemsize
+    if num_servers == 1 or nbytes < MIN_SPLIT_BYTES or rows < 2:
+        return [Chunk(zlib.crc32(name.encode()) % num_servers, 0, rows, row_size)]
+    pieces = min(num_servers, rows)
+    bounds = [rows * i // pieces for i in range(pieces + 1)]
+    return [Chunk(i, bounds[i], bounds[i + 1], row_size) for i in range(pieces)]
+
+
+@dataclass
+class KeyChunk:
+    """One server's chunk of one key: its weights, optimizer state and clocks."""
+    name: str
+    shape: tuple
+    dtype: np.dtype
+    chunk: Chunk
+    sparse: bool
+    param: np.ndarray                       # (rows in chunk, row_size), owned by the server
+    state: dict = field(default_factory=dict)
+    version: int = 0                        # sync: clocks applied; else pushes applied
+    pushes: list = field(default_factory=list)   # pushes received per worker rank
+    pending: dict = field(default_factory=dict)  # sync: clock -> Accumulator
+
+
+class Accumulator:
+    """Sum of the gradients pushed for one clock of one chunk (dense, or sparse rows)."""
+
+    def __init__(self):
+        self.count = 0
+        self.dense = None
+        self.rows, self.values = [], []
+
+    def add(self, gradient):
+        self.count += 1
+        if gradient is None:        # a worker with no gradient for this key this step
+            return
+        if isinstance(gradient, tuple):
+            self.rows.append(gradient[0])
+            self.values.append(gradient[1])
+        elif self.dense is None:
+            self.dense = gradient   # a fresh array built from the frames; ours to keep
+        else:
+            self.dense += gradient
+
+    def total(self):
+        """None, a dense (rows, row_size) array, or (unique rows, summed values)."""
+        if self.rows:
+            rows = np.concatenate(self.rows)
+            values = np.concatenate(self.values)
+            unique, inverse = np.unique(rows, return_inverse=True)
+            summed = np.zeros((len(unique),) + values.shape[1:], dtype=values.dtype)
+            np.add.at(summed, inverse, values)
+            if self.dense is None:
+                return unique, summed
+            self.dense[unique] += summed
+        return self.dense
+
+
+class ServerState:
+    """Everything one server knows, driven by `handle(route, message)`, which returns the
+    replies to send as (route, Message) pairs; `route` is opaque (the transport's peer id)."""
+
+    def __init__(self, rank, num_workers, num_servers):
+        self.rank, self.num_workers, self.num_servers = rank, num_workers, num_servers
+        self.keys = {}
+        self.config = None          # {"optimizer": {...}, "mode": ..., "staleness": ...}
+        self.waiting_pulls = []     # (route, message) held back by the consistency mode
+        self.sender = f"server-{rank}"
+
+    # --- dispatch -------------------------------------------------------------
+    def handle(self, route, message):
+        try:
+            if message.op == "init":
+                replies = [(route, self._init(message))]
+            elif message.op == "push":
+                self._push(message)
+                replies = [(route, Message("reply", message.id, self.sender))]
+            elif message.op in ("pull", "pushpull"):
+                self._check_pull(message)
+                if message.op == "pushpull":
+                    self._push(message)
+                self.waiting_pulls.append((route, message))
+                replies = []
+            else:
+                raise RequestError(f"a server does not serve op {message.op!r}")
+        except RequestError as error:
+            return [(route, protocol.error_reply(message.id, self.sender, str(error)))]
+        return replies + self._answer_ready_pulls()
+
+    # --- init -----------------------------------------------------------------
+    def _init(self, message):
+        meta = message.meta
+        config = {"optimizer": meta.get("optimizer"), "mode": meta.get("mode"),
+                  "staleness": meta.get("staleness", 0)}
+        optimizer = config["optimizer"]
+        if not (isinstance(optimizer, dict) and optimizer.get("name") in rules.RULES
+                and isinstance(optimizer.get("hyper"), dict)):
+            raise RequestError(f"init: optimizer must be {{'name': one of {sorted(rules.RULES)}, "
+                               f"'hyper': {{...}}}}, got {optimizer!r}")
+        if config["mode"] not in MODES:
+            raise RequestError(f"init: mode {config['mode']!r} is not one of {MODES}")
+        if not (isinstance(config["staleness"], int) and config["staleness"] >= 0):
+            raise RequestError(f"init: staleness {config['staleness']!r} must be an int >= 0")
+        if self.config is not None and self.config != config:
+            raise RequestError(f"init: config {config} differs from the first init's {self.config}")
+        specs = meta.get("specs")
+        if not (isinstance(specs, list) and len(specs) == len(message.keys)):
+            raise RequestError("init: meta 'specs' must list {shape, dtype, sparse} per key")
+        new = {}
+        for index, (name, spec) in enumerate(zip(message.keys, specs)):
+            if name in self.keys or name in new:
+                raise RequestError(f"init: key {name!r} is already initialized")
+            new[name] = self._new_key(name, spec)
+            self._copy_dense(new[name], message, index, "init")
+        self.config = config
+        self.keys.update(new)
+        return Message("reply", message.id, self.sender)
+
+    def _new_key(self, name, spec):
+        try:
+            shape = tuple(int(n) for n in spec["shape"])
+            dtype = np.dtype(spec["dtype"])
+            sparse = bool(spec.get("sparse", False))
+        except (KeyError, TypeError, ValueError) as error:
+            raise RequestError(f"init: bad spec {spec!r} for key {name!r}: {error}") from None
+        if dtype.name not in protocol.DTYPES or any(n < 0 for n in shape):
+            raise RequestError(f"init: key {name!r} has unsupported dtype {dtype} or shape {shape}")
+        mine = [c for c in chunk_layout(name, shape, dtype, self.num_servers) if c.server == self.rank]
+        if not mine:
+            raise RequestError(f"init: key {name!r} of shape {shape} has no chunk on server {self.rank}")
+        chunk = mine[0]
+        param = np.empty((chunk.row_stop - chunk.row_start, chunk.row_size), dtype=dtype)
+        return KeyChunk(name, shape, dtype, chunk, sparse, param,
+                        pushes=[0] * self.num_workers)
+
+    # --- payload checks -------------------------------------------------------
+    def _key(self, name):
+        key = self.keys.get(name)
+        if key is None:
+            raise RequestError(f"unknown key {name!r} on server {self.rank} (not initialized here)")
+        return key
+
+    def _copy_dense(self, key, message, index, what):
+        """Copy the dense payloads of key `index` into a fresh chunk-shaped array (init) —
+        they must cover the chunk exactly, in order."""
+        flat = key.param.reshape(-1)
+        for offset, piece in self._dense_pieces(key, message, index, what):
+            flat[offset:offset + piece.size] = piece
+
+    def _dense_pieces(self, key, message, index, what):
+        """(offset within the chunk, 1-D array) for each dense payload of key `index`,
+        checked to tile the chunk exactly."""
+        payloads = [p for p in message.payloads if p.key == index]
+        expected = key.chunk.start
+        pieces = []
+        for p in payloads:
+            if p.kind != "dense":
+                raise RequestError(f"{what}: key {key.name!r} payload kind {p.kind!r}, expected dense")
+            self._check_dtype(key, p.array, what)
+            if p.start != expected or p.array.ndim != 1:
+                raise RequestError(f"{what}: key {key.name!r} slice at {p.start} of shape "
+                                   f"{p.array.shape}, expected a 1-D slice at {expected}")
+            pieces.append((p.start - key.chunk.start, p.array))
+            expected += p.array.size
+        if expected != key.chunk.stop:
+            raise RequestError(f"{what}: key {key.name!r} payloads cover elements "
+                               f"{key.chunk.start}..{expected}, server {self.rank} holds "
+                               f"{key.chunk.start}..{key.chunk.stop}")
+        return pieces
+
+    @staticmethod
+    def _check_dtype(key, array, what):
+        if array.dtype != key.dtype:
+            raise RequestError(f"{what}: key {key.name!r} is {key.dtype}, payload is {array.dtype}")
+
+    def _row_pairs(self, key, message, index, what, with_values):
+        """Local row indices (and their values) from the rows/values payloads of key `index`."""
+        payloads = [p for p in message.payloads if p.key == index]
+        rows, values = [], []
+        step = 2 if with_values else 1
+        if len(payloads) % step:
+            raise RequestError(f"{what}: key {key.name!r} rows payload without its values")
+        for i in range(0, len(payloads), step):
+            row_payload = payloads[i]
+            if row_payload.kind != "rows" or row_payload.array.dtype != np.int64 \
+                    or row_payload.array.ndim != 1:
+                raise RequestError(f"{what}: key {key.name!r} expected a 1-D int64 rows payload, "
+                                   f"got {row_payload.kind} {row_payload.array.dtype}"
+                                   f"{row_payload.array.shape}")
+            local = row_payload.array - key.chunk.row_start
+            if local.size and (local.min() < 0 or local.max() >= key.param.shape[0]):
+                raise RequestError(f"{what}: key {key.name!r} rows outside "
+                                   f"{key.chunk.row_start}..{key.chunk.row_stop - 1} on server "
+                                   f"{self.rank}")
+            rows.append(local)
+            if with_values:
+                value_payload = payloads[i + 1]
+                self._check_dtype(key, value_payload.array, what)
+                if value_payload.kind != "values" or \
+                        value_payload.array.size != local.size * key.chunk.row_size:
+                    raise RequestError(f"{what}: key {key.name!r} has {local.size} rows but "
+                                       f"values of shape {value_payload.array.shape}")
+                values.append(value_payload.array.reshape(local.size, key.chunk.row_size))
+        return rows, values
+
+    # --- push -----------------------------------------------------------------
+    def _worker_rank(self, message):
+        rank = message.meta.get("rank")
+        if not (isinstance(rank, int) and 0 <= rank < self.num_workers):
+            raise RequestError(f"{message.op}: worker rank {rank!r} not in 0..{self.num_workers - 1}")
+        return rank
+
+    def _require_config(self, message):
+        if self.config is None:
+            raise RequestError(f"{message.op} before init on server {self.rank}")
+
+    def _gradient(self, key, message, index):
+        """None (an empty push), a dense (rows, row_size) array, or (local rows, values)."""
+        payloads = [p for p in message.payloads if p.key == index]
+        if not payloads:
+            return None
+        if payloads[0].kind == "dense":
+            gradient = np.empty_like(key.param)
+            flat = gradient.reshape(-1)
+            for offset, piece in self._dense_pieces(key, message, index, "push"):
+                flat[offset:offset + piece.size] = piece
+            return gradient
+        rows, values = self._row_pairs(key, message, index, "push", with_values=True)
+        rows = np.concatenate(rows)
+        if len(np.unique(rows)) != len(rows):
+            raise RequestError(f"push: key {key.name!r} repeats a row")
+        return rows, np.concatenate(values)
+
+    def _push(self, message):
+        self._require_config(message)
+        rank = self._worker_rank(message)
+        clock, lr = message.meta.get("clock"), message.meta.get("lr")
+        if not isinstance(lr, (int, float)) or isinstance(lr, bool):
+            raise RequestError(f"push: lr {lr!r} must be a number")
+        keys = [self._key(name) for name in message.keys]
+        # Check the whole request before changing anything, so a bad push leaves no trace.
+        gradients = []
+        for index, key in enumerate(keys):
+            if clock != key.pushes[rank]:
+                raise RequestError(f"push: worker {rank} sent clock {clock!r} for key "
+                                   f"{key.name!r}, expected clock {key.pushes[rank]}")
+            gradients.append(self._gradient(key, message, index))
+        for key, gradient in zip(keys, gradients):
+            key.pushes[rank] += 1
+            if self.config["mode"] == "sync":
+                key.pending.setdefault(clock, Accumulator()).add(gradient)
+                # Clocks are applied in order, each once all N workers pushed it.
+                while key.pending.get(key.version) and \
+                        key.pending[key.version].count == self.num_workers:
+                    accumulator = key.pending.pop(key.version)
+                    self._apply(key, accumulator.total(), lr, self.num_workers)
+                    key.version += 1
+            else:  # async and ssp apply every gradient as it arrives
+                self._apply(key, gradient, lr, 1)
+                key.version += 1
+
+    def _apply(self, key, gradient, lr, divisor):
+        """Run the optimizer rule on the chunk with the mean gradient."""
+        if gradient is None:
+            return
+        optimizer = self.config["optimizer"]
+        rule = rules.RULES[optimizer["name"]]
+        hyper = dict(optimizer["hyper"], lr=float(lr))
+        if isinstance(gradient, tuple):
+            rows, values = gradient
+            rules.apply_rows(rule, key.param, rows, values / divisor if divisor != 1 else values,
+                             key.state, **hyper)
+            return
+        mean = gradient / divisor if divisor != 1 else gradient
+        if getattr(key.state.get("step"), "ndim", 0) > 0:  # updated lazily before: stay lazy
+            rules.apply_rows(rule, key.param, np.arange(key.param.shape[0]), mean,
+                             key.state, **hyper)
+        else:
+            rule(key.param.reshape(-1), mean.reshape(-1), key.state, **hyper)
+
+    # --- pull -----------------------------------------------------------------
+    def _check_pull(self, message):
+        self._require_config(message)
+        self._worker_rank(message)
+        if not isinstance(message.meta.get("clock"), int):
+            raise RequestError(f"{message.op}: clock {message.meta.get('clock')!r} must be an int")
+        for index, name in enumerate(message.keys):
+            key = self._key(name)
+            if message.op == "pull":
+                self._row_pairs(key, message, index, "pull", with_values=False)
+
+    def _ready(self, message):
+        # A pushpull's pull half reads the weights of the clock after the one it pushed.
+        clock = message.meta["clock"] + (message.op == "pushpull")
+        mode = self.config["mode"]
+        keys = [self.keys[name] for name in message.keys]
+        if mode == "sync":
+            return all(key.version >= clock for key in keys)
+        if mode == "ssp":
+            # The puller is at `clock`; it may run at most `staleness` clocks ahead of the
+            # slowest worker.
+            return all(min(key.pushes) >= clock - self.config["staleness"] for key in keys)
+        return True
+
+    def _answer_ready_pulls(self):
+        replies, still_waiting = [], []
+        for route, message in self.waiting_pulls:
+            if self._ready(message):
+                replies.append((route, self._pull_reply(message)))
+            else:
+                still_waiting.append((route, message))
+        self.waiting_pulls = still_waiting
+        return replies
+
+    def _pull_reply(self, message):
+        # Sync replies may share the server's arrays (no copy): the next update of a chunk
+        # needs every worker's next push, which each sends only after its pull arrived.
+        # Async/ssp updates can come at any time, so they send a snapshot.
+        snapshot = self.config["mode"] != "sync"
+        payloads = []
+        for index, name in enumerate(message.keys):
+            key = self.keys[name]
+            rows = [p.array for p in message.payloads if p.key == index and p.kind == "rows"] \
+                if message.op == "pull" else []
+            if rows:
+                local = np.concatenate(rows) - key.chunk.row_start
+                values = key.param[local]
+                global_rows = local + key.chunk.row_start
+                rows_per_frame = max(1, protocol.FRAME_BYTES // max(1, values[:1].nbytes))
+                for s in range(0, len(local), rows_per_frame):
+                    payloads.append(Payload(index, "rows", s, global_rows[s:s + rows_per_frame]))
+                    payloads.append(Payload(index, "values", s, values[s:s + rows_per_frame]))
+                continue
+            flat = key.param.reshape(-1)
+            if snapshot:
+                flat = flat.copy()
+            for offset, piece in protocol.split_frames(flat):
+                payloads.append(Payload(index, "dense", key.chunk.start + offset, piece))
+        return Message("reply", message.id, self.sender, list(message.keys), payloads,
+                       meta={"versions": [self.keys[n].version for n in message.keys]})
+
+
+_rejected = 0
+
+
+def _log_rejected(text):
+    # A flood of bad messages must not flood the log: the first few, then every 100th.
+    global _rejected
+    _rejected += 1
+    if _rejected <= 10 or _rejected % 100 == 0:
+        print(f"disttrain: server rejected message #{_rejected}: {text}", file=sys.stderr,
+              flush=True)
+
+
+def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None):
+    """A server process's loop: register, then answer requests until the scheduler says
+    shutdown (return 0) or reports a dead peer (return 1)."""
+    host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
+    listener = transport.Listener(host, max_message_bytes)
+    try:
+        book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
+                                   rank=_env_rank())
+        state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        while not membership.shutdown.is_set():
+            if membership.dead:
+                return 1
+            if not listener.socket.poll(100):
+                continue
+            try:
+                identity, message = listener.receive()
+            except protocol.ProtocolError as error:
+                _log_rejected(str(error))
+                listener.send(error.identity, protocol.error_reply(
+                    error.request_id, state.sender, str(error)))
+                continue
+            try:
+                replies = state.handle(identity, message)
+            except Exception as error:  # a bug must not take the job down silently
+                traceback.print_exc()
+                replies = [(identity, protocol.error_reply(
+                    message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
+            for route, reply in replies:
+                if reply.op == "error":
+                    _log_rejected(reply.meta["error"])
+                listener.send(route, reply)
+        return 0
+    finally:
+        listener.close()
+        membership.close()
+
+
+def _env_rank():
+    value = os.environ.get("DISTTRAIN_RANK")
+    return int(value) if value not in (None, "") else None
+
+
+def install_sigterm_exit():
+    """The launcher stops servers and the scheduler with SIGTERM once workers are done."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
