@@ -18,11 +18,14 @@ def main():
         raise SystemExit("disttrain: DISTTRAIN_SCHEDULER (host:port) is not set")
     server.install_sigterm_exit()
     if role == "scheduler":
-        return scheduler.Scheduler(
-            os.environ["DISTTRAIN_SCHEDULER"], _env_int("DISTTRAIN_NUM_WORKERS"),
-            _env_int("DISTTRAIN_NUM_SERVERS"),
-            heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
-            timeout=transport.default_timeout()).run()
+        try:
+            return scheduler.Scheduler(
+                os.environ["DISTTRAIN_SCHEDULER"], _env_int("DISTTRAIN_NUM_WORKERS"),
+                _env_int("DISTTRAIN_NUM_SERVERS"),
+                heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
+                timeout=transport.default_timeout()).run()
+        finally:
+            transport.context().term()  # waits for the lingering dead / shutdown notices
     if role == "server":
         return server.serve(scheduler.Membership.from_env("server"))
     raise SystemExit(f"disttrain: DISTTRAIN_ROLE={role!r}: `python -m disttrain.ps` runs "

@@ -177,7 +177,6 @@ class Scheduler:
         finally:
             # Linger so the dead / shutdown notices leave even on a busy machine.
             self.listener.close(linger_ms=2000)
-            transport.context().term()
 
 
 class Membership:

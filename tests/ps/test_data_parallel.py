@@ -1,0 +1,59 @@
+"""DataParallel through real scheduler / server / worker processes: exactness of sync mode,
+and a worker killed mid-run ending the whole job with a named culprit."""
+import os
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from tests.ps import train_program
+from tests.ps.cluster import Cluster
+
+
+def test_local_mode_is_the_plain_optimizer(monkeypatch):
+    monkeypatch.delenv("DISTTRAIN_ROLE", raising=False)
+    model = train_program.TinyNet()
+    optimizer = train_program.make_optimizer("sgd", model.parameters())
+    parallel = train_program.DataParallel(model, optimizer)
+    assert (parallel.rank, parallel.num_workers, parallel.is_distributed) == (0, 1, False)
+    parallel.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.parametrize("num_servers", [1, 3])
+def test_two_sync_workers_equal_one_process_with_double_batch(tmp_path, monkeypatch,
+                                                                optimizer, num_servers):
+    monkeypatch.delenv("DISTTRAIN_ROLE", raising=False)
+    reference, _ = train_program.train(optimizer, steps=20, batch=16)
+    with Cluster(tmp_path, num_workers=2, num_servers=num_servers) as cluster:
+        cluster.start_roles()
+        cluster.start_workers("--optimizer", optimizer, "--steps", 20, "--batch", 8)
+        codes = cluster.wait(120)
+        assert codes == {name: 0 for name in codes}, \
+            {name: cluster.read(name)[-2000:] for name, code in codes.items() if code != 0}
+    for rank in range(2):
+        result = np.load(tmp_path / f"params-{rank}.npz")
+        for name, expected in reference.items():
+            np.testing.assert_allclose(result[name], expected, rtol=2e-5, atol=2e-6,
+                                       err_msg=f"{name} on worker {rank} ({optimizer}, "
+                                               f"{num_servers} servers)")
+
+
+@pytest.mark.slow
+def test_killed_worker_is_named_by_every_process_and_the_job_ends(tmp_path):
+    with Cluster(tmp_path, num_workers=2, num_servers=1, heartbeat_timeout=3) as cluster:
+        cluster.start_roles()
+        cluster.start_workers("--steps", 100000, "--batch", 4, "--sleep", 0.01)
+        deadline = time.monotonic() + 60
+        while "step 5 " not in cluster.read("worker1", "out"):
+            assert time.monotonic() < deadline, cluster.read("worker1")
+            assert cluster.processes["worker1"].poll() is None, cluster.read("worker1")
+            time.sleep(0.1)
+        os.kill(cluster.processes["worker1"].pid, signal.SIGKILL)
+        codes = cluster.wait(15)
+        assert all(code is not None for code in codes.values()), f"still running: {codes}"
+        for name in ("scheduler", "server0", "worker0"):
+            assert codes[name] != 0, f"{name} exited {codes[name]}"
+            assert "dead: worker 1 (no heartbeat for" in cluster.read(name), cluster.read(name)
