@@ -42,20 +42,23 @@ def _windows(padded, kernel, stride, dilation, out_hw):
 
 
 def _col2im(grad_windows, padded_shape, stride, dilation):
-    """Adjoint of ``_windows``: add each window's gradient (N, C, OH, OW, kh, kw) back in place.
+    """Adjoint of ``_windows``: add each window's gradient back where the window came from.
 
-    One strided add per kernel offset (kh * kw of them, each over the whole batch): windows
-    overlap when stride < kernel, so one assignment through the view would drop the overlaps.
+    ``grad_windows`` is laid out offsets first, (kh, kw, A, B, OH, OW), and the result is
+    (A, B, H, W): the caller picks which of N and C is A, so both sides of every add walk
+    memory in the same order. One strided add per kernel offset (kh * kw of them, each over
+    the whole batch): windows overlap when stride < kernel, so one assignment through the
+    window view would drop the overlaps.
     """
     xp = backend.array_module(grad_windows)
-    _, _, out_h, out_w, kernel_h, kernel_w = grad_windows.shape
+    kernel_h, kernel_w, _, _, out_h, out_w = grad_windows.shape
     grad = xp.zeros(padded_shape, grad_windows.dtype)
     for i in range(kernel_h):
         top = i * dilation[0]
         rows = slice(top, top + stride[0] * (out_h - 1) + 1, stride[0])
         for j in range(kernel_w):
             left = j * dilation[1]
-            grad[:, :, rows, left:left + stride[1] * (out_w - 1) + 1:stride[1]] += grad_windows[..., i, j]
+            grad[:, :, rows, left:left + stride[1] * (out_w - 1) + 1:stride[1]] += grad_windows[i, j]
     return grad
 
 
@@ -120,14 +123,19 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         g_rows = g.transpose(1, 0, 2, 3).reshape(groups, out_channels // groups, n * out_h * out_w)
         grad_weight = grad_bias = grad_x = None
         if weight.requires_grad:
-            grad_weight = xp.matmul(g_rows, cols.transpose(0, 2, 1)).reshape(weight.shape)
+            # cols @ g.T, transposed after: OpenBLAS runs this shape (long inner dimension,
+            # output (C*kh*kw, O)) measured 1.5-2.5x faster than g @ cols.T on LeNet's layers.
+            grad_weight = xp.matmul(cols, g_rows.transpose(0, 2, 1)).transpose(0, 2, 1).reshape(weight.shape)
         if bias is not None and bias.requires_grad:
             grad_bias = g_rows.sum(axis=2).reshape(out_channels)
         if x.requires_grad:
             grad_cols = xp.matmul(kernels.transpose(0, 2, 1), g_rows)
+            # (C, kh, kw, N, OH, OW) in memory: gather it back as (C, N, H, W), then view as NCHW.
             grad_windows = (grad_cols.reshape(channels, kernel_h, kernel_w, n, out_h, out_w)
-                            .transpose(3, 0, 4, 5, 1, 2))
-            grad_x = _unpad_hw(_col2im(grad_windows, padded.shape, stride, dilation), padding, (height, width))
+                            .transpose(1, 2, 0, 3, 4, 5))
+            channels_first = (channels, n) + padded.shape[2:]
+            grad_x = _col2im(grad_windows, channels_first, stride, dilation).transpose(1, 0, 2, 3)
+            grad_x = _unpad_hw(grad_x, padding, (height, width))
         return (grad_x, grad_weight) + ((grad_bias,) if bias is not None else ())
     parents = (x, weight) + ((bias,) if bias is not None else ())
     return Tensor.from_op(out.transpose(1, 0, 2, 3), parents, backward)
@@ -145,17 +153,20 @@ def _pool_setup(name, x, kernel_size, stride, padding):
     return kernel, stride, padding, _output_hw(name, x.shape, kernel, stride, padding, (1, 1))
 
 
+def _memory_order_view(data):
+    """Pooling treats N and C alike, so it runs on (C, N, H, W) when that is the memory order
+    (conv2d's output is), and its copies and adds then stream through memory. Returns the view
+    and whether N and C were swapped; swapping the result back restores NCHW."""
+    swapped = data.strides[1] > data.strides[0]
+    return (data.transpose(1, 0, 2, 3) if swapped else data), swapped
+
+
 def _offsets_first(windows):
-    """Copy the (N, C, OH, OW, kh, kw) windows as (kh * kw, N, C, OH, OW): reducing over the
+    """Copy the (A, B, OH, OW, kh, kw) windows as (kh * kw, A, B, OH, OW): reducing over the
     leading axis runs as whole-array element-wise passes (measured ~10x faster than reducing
     over the two small trailing axes of the view)."""
-    n, c, out_h, out_w, kernel_h, kernel_w = windows.shape
-    return windows.transpose(4, 5, 0, 1, 2, 3).reshape(kernel_h * kernel_w, n, c, out_h, out_w)
-
-
-def _windows_from_offsets_first(grad, kernel):
-    k, n, c, out_h, out_w = grad.shape
-    return grad.reshape(kernel + (n, c, out_h, out_w)).transpose(2, 3, 4, 5, 0, 1)
+    a, b, out_h, out_w, kernel_h, kernel_w = windows.shape
+    return windows.transpose(4, 5, 0, 1, 2, 3).reshape(kernel_h * kernel_w, a, b, out_h, out_w)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
@@ -166,17 +177,25 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
     x = as_tensor(x)
     kernel, stride, padding, out_hw = _pool_setup("max_pool2d", x, kernel_size, stride, padding)
     xp = xp_of(x)
-    padded = _pad_hw(xp, x.data, padding, value=-np.inf)
+    data, swapped = _memory_order_view(x.data)
+    padded = _pad_hw(xp, data, padding, value=-np.inf)
     values = _offsets_first(_windows(padded, kernel, stride, (1, 1), out_hw))
     out = values.max(axis=0)
 
     def backward(g):
-        hits = values == out
-        # Keep only the first hit of each window: later ties have an earlier hit before them.
-        first = hits & (xp.cumsum(hits, axis=0, dtype=np.int8 if len(values) < 128 else np.int32) == 1)
-        grad_windows = _windows_from_offsets_first(first * g, kernel)
-        return (_unpad_hw(_col2im(grad_windows, padded.shape, stride, (1, 1)), padding, x.shape[2:]),)
-    return Tensor.from_op(out, (x,), backward)
+        g = g.transpose(1, 0, 2, 3) if swapped else g
+        grad_windows = xp.empty_like(values)
+        taken = xp.zeros(out.shape, bool)
+        # One pass per kernel offset: an offset gets the gradient where it holds the maximum and
+        # no earlier offset did (measured 5x faster than a cumulative sum over the hits).
+        for offset in range(len(values)):
+            first_hit = (values[offset] == out) & ~taken
+            taken |= first_hit
+            xp.multiply(first_hit, g, out=grad_windows[offset])
+        grad_windows = grad_windows.reshape(kernel + out.shape)
+        grad = _unpad_hw(_col2im(grad_windows, padded.shape, stride, (1, 1)), padding, x.shape[2:])
+        return (grad.transpose(1, 0, 2, 3) if swapped else grad,)
+    return Tensor.from_op(out.transpose(1, 0, 2, 3) if swapped else out, (x,), backward)
 
 
 def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
@@ -188,7 +207,8 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
     x = as_tensor(x)
     kernel, stride, padding, out_hw = _pool_setup("avg_pool2d", x, kernel_size, stride, padding)
     xp = xp_of(x)
-    padded = _pad_hw(xp, x.data, padding)
+    data, swapped = _memory_order_view(x.data)
+    padded = _pad_hw(xp, data, padding)
     out = _offsets_first(_windows(padded, kernel, stride, (1, 1), out_hw)).sum(axis=0)
     if count_include_pad or padding == (0, 0):
         count = x.dtype.type(kernel[0] * kernel[1])
@@ -198,7 +218,9 @@ def avg_pool2d(x, kernel_size, stride=None, padding=0, count_include_pad=True):
     out /= count
 
     def backward(g):
-        share = xp.broadcast_to((g / count)[None], (kernel[0] * kernel[1],) + g.shape)
-        grad_windows = _windows_from_offsets_first(share, kernel)
-        return (_unpad_hw(_col2im(grad_windows, padded.shape, stride, (1, 1)), padding, x.shape[2:]),)
-    return Tensor.from_op(out, (x,), backward)
+        g = g.transpose(1, 0, 2, 3) if swapped else g
+        # Every element of a window receives the same share: one broadcast view, no copies.
+        grad_windows = xp.broadcast_to(g / count, kernel + g.shape)
+        grad = _unpad_hw(_col2im(grad_windows, padded.shape, stride, (1, 1)), padding, x.shape[2:])
+        return (grad.transpose(1, 0, 2, 3) if swapped else grad,)
+    return Tensor.from_op(out.transpose(1, 0, 2, 3) if swapped else out, (x,), backward)
