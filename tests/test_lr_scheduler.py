@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import disttrain as dt
-from disttrain import optim
+from disttrain import checkpoint, optim
 from disttrain.optim.lr_scheduler import CosineAnnealingLR, LinearWarmup, StepLR
 
 
@@ -81,14 +81,16 @@ def test_schedules_match_torch_lr_scheduler():
             milestones=[5])))
 
 
-def test_resumed_scheduler_continues_the_same_lrs():
+def test_resumed_scheduler_continues_the_same_lrs_through_a_checkpoint(tmp_path):
     def make(opt):
         return LinearWarmup(opt, 3, after=StepLR(opt, 2, gamma=0.5))
 
     straight = _lrs(make(_optimizer()), 9)
     first = make(_optimizer())
     _lrs(first, 4)
-    saved = first.state_dict()
+    path = tmp_path / "schedule.safetensors"
+    checkpoint.save({"scheduler": first.state_dict()}, path)
+    saved = checkpoint.load(path)["scheduler"]  # plain values only: they survive a checkpoint
     resumed_opt = _optimizer()
     resumed = make(resumed_opt)
     resumed.load_state_dict(saved)

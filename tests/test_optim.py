@@ -218,6 +218,21 @@ def test_step_with_row_sparse_grad_updates_only_its_rows_in_place():
     np.testing.assert_array_equal(array[[1, 2, 4]], 1.0)
 
 
+def test_dense_grad_after_sparse_steps_keeps_per_row_bias_correction():
+    weight = dt.tensor(np.zeros((3, 2)), requires_grad=True)
+    reference, reference_state = np.zeros((3, 2)), {}
+    opt = optim.Adam([weight], lr=0.1)
+    weight.grad = RowSparseGrad(np.array([1], dtype=np.int64), np.ones((1, 2)), (3, 2))
+    opt.step()
+    rules.apply_rows(rules.adam, reference, np.array([1]), np.ones((1, 2)), reference_state, lr=0.1)
+    dense = np.arange(6.0).reshape(3, 2)
+    weight.grad = dense
+    opt.step()
+    rules.apply_rows(rules.adam, reference, np.arange(3), dense, reference_state, lr=0.1)
+    np.testing.assert_array_equal(weight.data, reference)
+    np.testing.assert_array_equal(opt.state[0]["step"], [1, 2, 1])
+
+
 def test_step_skips_parameters_without_grad_and_zero_grad_sets_none():
     a, b = _param([1.0]), _param([2.0])
     opt = optim.SGD([a, b], lr=1.0)

@@ -152,16 +152,19 @@ def apply_rows(rule, param, rows, row_grads, state, **hyper):
     if getattr(steps, "ndim", 0) == 0:  # an int from dense updates: every row has that many
         steps = state["step"] = xp.full(param.shape[0], int(steps), dtype=np.int64)
     row_steps = steps[rows]
-    for group in (row_steps == 0, row_steps > 0):
+    for fresh in (True, False):
+        group = row_steps == 0 if fresh else row_steps > 0
         if bool(group.any()):
-            _apply_row_group(rule, param, rows[group], row_grads[group], state, hyper)
+            _apply_row_group(rule, param, rows[group], row_grads[group], state, hyper, fresh)
 
 
-def _apply_row_group(rule, param, rows, row_grads, state, hyper):
-    """Gather the rows' params and state, run the rule on them, scatter everything back."""
+def _apply_row_group(rule, param, rows, row_grads, state, hyper, fresh):
+    """Gather the rows' params and state, run the rule on them, scatter everything back.
+
+    ``fresh`` rows were never updated: the rule starts them from an empty state, as a first step.
+    """
     broadcast_shape = (rows.shape[0],) + (1,) * (param.ndim - 1)
     row_state = {}
-    fresh = int(state["step"][rows[0]]) == 0
     if not fresh:
         for name, value in state.items():
             row_state[name] = value[rows].reshape(broadcast_shape) if name == "step" else value[rows]
