@@ -43,15 +43,25 @@ def _plain_index(index):
     return index.data if isinstance(index, Tensor) else index
 
 
+def _is_basic(index):
+    """True for numpy basic indexing (ints, slices, None, Ellipsis): no element is picked twice."""
+    items = index if isinstance(index, tuple) else (index,)
+    return all(item is None or item is Ellipsis or isinstance(item, slice)
+               or (isinstance(item, (int, np.integer)) and not isinstance(item, bool)) for item in items)
+
+
 def getitem(x, index):
     """x[index] for slices, integer arrays (repeats allowed) and boolean masks."""
     index = _plain_index(index)
     xp = xp_of(x)
+    basic = _is_basic(index)
 
     def backward(g):
         grad = xp.zeros(x.shape, g.dtype)
-        # add.at, not grad[index] += g: repeated indices must add up, not overwrite.
-        xp.add.at(grad, index, g)
+        if basic:  # plain assignment: ~20x faster than add.at, and nothing repeats
+            grad[index] = g
+        else:  # add.at, not grad[index] += g: repeated indices must add up, not overwrite.
+            xp.add.at(grad, index, g)
         return (grad,)
     return Tensor.from_op(x.data[index], (x,), backward)
 
