@@ -147,7 +147,7 @@ def test_keys_that_collide_once_flattened_are_rejected(tmp_path):
     (lambda data: data[:8] + b"\xff" * 4 + data[12:], "corrupt header"),
     (lambda data: struct.pack("<Q", 10**12) + data[8:], "declares a 1000000000000-byte header"),
     (lambda data: data + b"extra", "data section has"),
-])
+], ids=["shorter-than-length", "truncated-tensor", "bad-utf8-header", "huge-header-length", "trailing-bytes"])
 def test_corrupt_or_truncated_file_raises_checkpoint_error(tmp_path, damage, message):
     path = tmp_path / "ckpt.safetensors"
     checkpoint.save(_state(), path)

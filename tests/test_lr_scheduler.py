@@ -101,7 +101,7 @@ def test_resumed_scheduler_continues_the_same_lrs_through_a_checkpoint(tmp_path)
     (lambda o: StepLR(o, step_size=0), "step_size.*0"),
     (lambda o: CosineAnnealingLR(o, T_max=0), "T_max.*0"),
     (lambda o: LinearWarmup(o, warmup_steps=2, start_factor=0.0), "start_factor.*0.0"),
-])
+], ids=["step-size-zero", "t-max-zero", "start-factor-zero"])
 def test_invalid_schedule_arguments_raise_naming_the_value(make, message):
     with pytest.raises(ValueError, match=message):
         make(_optimizer())

@@ -305,7 +305,8 @@ def test_load_state_dict_rejects_mismatched_shapes_naming_them():
     (lambda p: optim.SGD([p], lr=0.1, nesterov=True), "momentum=0"),
     (lambda p: optim.RMSprop([p], alpha=-1), "alpha=-1"),
     (lambda p: optim.SGD([p, p], lr=0.1), "appears twice"),
-])
+], ids=["negative-lr", "beta-one", "one-beta", "no-params", "nesterov-without-momentum", "negative-alpha",
+        "duplicate-param"])
 def test_invalid_hyper_parameters_raise_value_error_naming_the_value(make, message):
     with pytest.raises(ValueError, match=message):
         make(_param([1.0]))
