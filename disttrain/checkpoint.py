@@ -1,9 +1,5 @@
-"""``save`` / ``load`` of nested training state as a true safetensors file.
-
-Arrays become tensors named by their dotted path ("model.fc.weight"), readable by any safetensors
-loader; every other value (ints, floats, strings, lists, None) and the nested structure itself
-go into the header's ``__metadata__`` string map as JSON.
-"""
+"""``save`` / ``load`` of nested training state as a true safetensors file: arrays are tensors named
+by their dotted path ("model.fc.weight"); other values and the nesting go in ``__metadata__`` as JSON."""
 import json
 import os
 import struct

@@ -1,8 +1,5 @@
-"""Datasets: indexable collections of samples that the DataLoader batches.
-
-A dataset may fetch a whole batch at once (``get_batch``); TensorDataset does so with one fancy
-index per array, which is what makes loading cheap compared with a Python loop over samples.
-"""
+"""Datasets: indexable collections of samples; ``get_batch`` fetches a whole batch at once
+(TensorDataset: one fancy index per array, not a Python loop over samples)."""
 import numpy as np
 
 

@@ -1,16 +1,4 @@
-"""DataLoader: per-epoch shuffled, per-worker sharded batches, prefetched by a background thread.
-
-Sharding rule (what every worker of a job can compute alone, with no communication):
-1. The epoch order is a permutation drawn from ``(seed, epoch)`` (or 0..N-1 without shuffle).
-2. Without drop_last, the order is padded with its own first samples up to a multiple of
-   num_shards (torch's DistributedSampler does the same), so every shard gets ceil(N / S)
-   samples; at most S - 1 samples are seen twice per epoch. With drop_last, the order is cut to
-   a multiple of S instead, and each shard drops its last partial batch.
-3. Shard k takes every S-th sample starting at k: so shard batches at step t, joined, are the
-   global batch t of a single loader with batch_size * num_shards, and sync-mode workers with
-   batch b compute what one process with batch S * b computes.
-Every shard therefore yields the same number of batches, which sync-mode workers need.
-"""
+"""DataLoader: per-epoch shuffled, per-worker sharded batches, prefetched by a background thread."""
 import functools
 import queue
 import threading
@@ -30,6 +18,17 @@ class DataLoader:
     time an iteration starts; ``set_epoch(e)`` makes the next iteration epoch ``e``. The order
     depends only on (seed, epoch), so all workers agree on it and reruns repeat it.
     ``prefetch`` batches are prepared ahead by a background thread (0: no thread).
+
+    Sharding rule (what every worker of a job can compute alone, with no communication):
+    1. The epoch order is a permutation drawn from ``(seed, epoch)`` (or 0..N-1 without shuffle).
+    2. Without drop_last, the order is padded with its own first samples up to a multiple of
+       num_shards (torch's DistributedSampler does the same), so every shard gets ceil(N / S)
+       samples; at most S - 1 samples are seen twice per epoch. With drop_last, the order is cut to
+       a multiple of S instead, and each shard drops its last partial batch.
+    3. Shard k takes every S-th sample starting at k: so shard batches at step t, joined, are the
+       global batch t of a single loader with batch_size * num_shards, and sync-mode workers with
+       batch b compute what one process with batch S * b computes.
+    Every shard therefore yields the same number of batches, which sync-mode workers need.
     """
 
     def __init__(self, dataset, batch_size, shuffle=False, drop_last=False, seed=0, num_shards=1,
@@ -62,7 +61,7 @@ class DataLoader:
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
     def shard_indices(self, epoch):
-        """The sample indices this shard visits in ``epoch``, in order (see the module docstring)."""
+        """The sample indices this shard visits in ``epoch``, in order (the sharding rule above)."""
         samples = len(self.dataset)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(samples)

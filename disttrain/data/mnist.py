@@ -1,8 +1,4 @@
-"""MNIST reader for the standard IDX files (``.gz`` or uncompressed); Fashion-MNIST loads the same.
-
-IDX: a big-endian magic number (two zero bytes, a type code, the number of dimensions), one
-big-endian uint32 per dimension, then the values in C order.
-"""
+"""MNIST reader for the standard IDX files (``.gz`` or uncompressed); Fashion-MNIST loads the same."""
 import gzip
 import struct
 from pathlib import Path
@@ -18,7 +14,11 @@ DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 
 
 def read_idx(path, expected_magic=None):
-    """Read one IDX file into a numpy array (native byte order); ``.gz`` is decompressed."""
+    """Read one IDX file into a numpy array (native byte order); ``.gz`` is decompressed.
+
+    IDX: a big-endian magic number (two zero bytes, a type code, the number of dimensions), one
+    big-endian uint32 per dimension, then the values in C order.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:

@@ -1,7 +1,5 @@
-"""Character-level language-modelling data: a vocabulary, and (x, y) windows shifted by one.
-
-Used with tiny-shakespeare (``data/tinyshakespeare/input.txt``): 65 distinct characters.
-"""
+"""Character-level language-modelling data (tiny-shakespeare: 65 characters): a vocabulary, and
+(x, y) windows where y is x shifted by one character."""
 from pathlib import Path
 
 import numpy as np

@@ -1,8 +1,5 @@
-"""Learning-rate schedules that set ``optimizer.param_groups[i]["lr"]``, with PyTorch's formulas.
-
-Each schedule is a closed form of the step count ``last_epoch``, so a schedule resumed from its
-state_dict (or nested inside LinearWarmup) gives exactly the lr of an uninterrupted run.
-"""
+"""Learning-rate schedules with PyTorch's formulas, setting ``optimizer.param_groups[i]["lr"]``;
+each is a closed form of the step count, so resumed or nested schedules give exact lrs."""
 import math
 
 

@@ -1,7 +1,5 @@
-"""Optimizer classes: thin wrappers that hold param_groups and per-parameter state and call a rule.
-
-The arithmetic lives in ``rules.py`` so that parameter servers run the very same code.
-"""
+"""Optimizer classes: thin wrappers holding param_groups and per-parameter state around a rule of
+``rules.py`` (the arithmetic lives there so that parameter servers run the very same code)."""
 import numpy as np
 
 from disttrain import backend

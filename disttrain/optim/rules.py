@@ -1,8 +1,5 @@
-"""Optimizer update rules, each written once: ``rule(param, grad, state, *, lr, **hyper)``.
-
-Workers run them through the Optimizer classes; parameter servers run the very same functions
-on their flat chunks of a parameter. Every rule follows torch.optim's arithmetic exactly.
-"""
+"""Optimizer update rules, each written once as ``rule(param, grad, state, *, lr, **hyper)`` with
+torch.optim's arithmetic; workers and parameter servers (on flat chunks of a key) run the same code."""
 import numpy as np
 
 from disttrain import backend
