@@ -1,0 +1,66 @@
+"""Test helper: a parameter-server job inside the test process (scheduler, servers and
+workers on threads, talking over loopback sockets), for fast tests of the real protocol."""
+import threading
+from contextlib import contextmanager
+
+from disttrain.ps import client, scheduler, server
+from tests.ps.cluster import free_port
+
+TIMEOUT = 60
+
+
+@contextmanager
+def job(num_workers, num_servers):
+    """Scheduler and servers on threads; yields connect(), which registers all workers
+    at once (registration waits for everyone) and returns their (membership, store) in
+    rank order. Everything is shut down on exit."""
+    address = f"127.0.0.1:{free_port()}"
+    sched = scheduler.Scheduler(address, num_workers, num_servers, heartbeat_timeout=30,
+                                timeout=TIMEOUT)
+    threads = [threading.Thread(target=sched.run, daemon=True)]
+    threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
+        membership=scheduler.Membership("server", address, 30, TIMEOUT), host="127.0.0.1"))
+        for _ in range(num_servers)]
+    for thread in threads:
+        thread.start()
+    connected = []
+
+    def connect():
+        def one(rank):
+            membership = scheduler.Membership("worker", address, 30, TIMEOUT)
+            book = membership.register(rank=rank)
+            connected.append((membership, client.KVStore(book, rank, membership, TIMEOUT)))
+        run_workers(num_workers, one)
+        return sorted(connected, key=lambda pair: pair[0].rank)
+
+    try:
+        yield connect
+    finally:
+        for membership, store in connected:
+            try:
+                membership.goodbye()
+            finally:
+                store.close()
+                membership.close()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert not any(t.is_alive() for t in threads), "scheduler or server did not stop"
+
+
+def run_workers(num_workers, body):
+    """Run body(rank) on one thread per worker; re-raise the first failure."""
+    errors = []
+
+    def guarded(rank):
+        try:
+            body(rank)
+        except BaseException as error:  # noqa: BLE001 - reported to the test below
+            errors.append(error)
+
+    threads = [threading.Thread(target=guarded, args=(r,)) for r in range(num_workers)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=TIMEOUT)
+    if errors:
+        raise errors[0]

@@ -1,0 +1,82 @@
+"""The wire format: what goes in comes out, and every malformed message is refused with a
+reason."""
+import msgpack
+import numpy as np
+import pytest
+
+from disttrain.ps import protocol
+from disttrain.ps.protocol import Message, Payload, ProtocolError
+
+
+def header(**fields):
+    base = {"v": protocol.VERSION, "op": "push", "id": 1, "sender": "w", "keys": ["k"],
+            "payloads": [], "meta": {}}
+    base.update(fields)
+    return msgpack.packb(base)
+
+
+def test_encode_decode_round_trips_arrays_and_meta():
+    a = np.arange(12, dtype=np.float32).reshape(3, 4)
+    rows = np.array([0, 5], dtype=np.int64)
+    message = Message("push", 7, "worker-1", ["a", "b"],
+                      [Payload(0, "dense", 4, a), Payload(1, "rows", 0, rows)],
+                      {"clock": 3, "lr": 0.5})
+    decoded = protocol.decode([bytes(f) for f in protocol.encode(message)])
+    assert (decoded.op, decoded.id, decoded.sender, decoded.keys, decoded.meta) == \
+        ("push", 7, "worker-1", ["a", "b"], {"clock": 3, "lr": 0.5})
+    np.testing.assert_array_equal(decoded.payloads[0].array, a)
+    assert decoded.payloads[0].start == 4 and decoded.payloads[1].kind == "rows"
+    np.testing.assert_array_equal(decoded.payloads[1].array, rows)
+
+
+def test_split_frames_covers_the_array_in_pieces_of_at_most_frame_bytes():
+    flat = np.arange(1000, dtype=np.float64)
+    pieces = list(protocol.split_frames(flat, frame_bytes=800))
+    assert all(piece.nbytes <= 800 for _, piece in pieces)
+    assert [start for start, _ in pieces] == list(range(0, 1000, 100))
+    np.testing.assert_array_equal(np.concatenate([p for _, p in pieces]), flat)
+
+
+def test_decoded_arrays_share_the_received_buffer():
+    frame = bytearray(np.arange(4, dtype=np.float32).tobytes())
+    descriptor = {"key": 0, "kind": "dense", "dtype": "float32", "shape": [4], "start": 0}
+    decoded = protocol.decode([header(payloads=[descriptor]), frame])
+    frame[0:4] = np.float32(9).tobytes()
+    assert decoded.payloads[0].array[0] == 9
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([], "empty message"),
+    ([b"\xc1\xff garbage"], "not valid msgpack"),
+    ([msgpack.packb([1, 2])], "must be a map"),
+    ([header(v=99)], "protocol version 99"),
+    ([header(op="explode")], "unknown op 'explode'"),
+    ([header(id="1")], "'id' must be int"),
+    ([header(keys=[1])], "keys must all be strings"),
+    ([header(payloads=[{"key": 0, "kind": "dense", "dtype": "float32", "shape": [2],
+                        "start": 0}])], "lists 1 payloads but 0 frames"),
+    ([header(payloads=[{"key": 3, "kind": "dense", "dtype": "float32", "shape": [1],
+                        "start": 0}]), b"abcd"], "key index 3"),
+    ([header(payloads=[{"key": 0, "kind": "dense", "dtype": "object", "shape": [1],
+                        "start": 0}]), b"abcd"], "unsupported dtype 'object'"),
+    ([header(payloads=[{"key": 0, "kind": "dense", "dtype": "float32", "shape": [3],
+                        "start": 0}]), b"abcd"], "needs 12 bytes, frame has 4"),
+    ([header(payloads=[{"key": 0, "kind": "dense", "dtype": "float32",
+                        "shape": [2 ** 40, 2 ** 40], "start": 0}]), b"abcd"], "frame has 4"),
+    ([header(payloads=[{"key": 0, "kind": "sideways", "dtype": "float32", "shape": [1],
+                        "start": 0}]), b"abcd"], "unknown kind"),
+])
+def test_malformed_messages_are_refused_with_the_reason(frames, reason):
+    with pytest.raises(ProtocolError, match=reason.replace("(", r"\(")):
+        protocol.decode(frames)
+
+
+def test_messages_over_the_size_limit_are_refused():
+    descriptor = {"key": 0, "kind": "dense", "dtype": "float32", "shape": [256], "start": 0}
+    with pytest.raises(ProtocolError, match="exceeds the limit of 512"):
+        protocol.decode([header(payloads=[descriptor]), bytes(1024)], max_message_bytes=512)
+
+
+def test_request_id_is_recovered_from_a_bad_message_for_the_error_reply():
+    assert protocol.peek_request_id([header(id=42, op="nope")]) == 42
+    assert protocol.peek_request_id([b"\x00\x01"]) == 0
