@@ -176,7 +176,7 @@ def test_apply_rows_bias_corrects_a_late_row_by_its_own_step_count():
 
 def test_apply_rows_with_all_rows_equals_dense_update_after_dense_steps():
     rng = np.random.default_rng(2)
-    dense, lazy = rng.standard_normal((4, 3)), None
+    dense = rng.standard_normal((4, 3))
     lazy = dense.copy()
     dense_state, lazy_state = {}, {}
     hyper = {"lr": 0.05, "alpha": 0.9, "centered": True, "momentum": 0.3}
@@ -188,6 +188,21 @@ def test_apply_rows_with_all_rows_equals_dense_update_after_dense_steps():
         else:
             rules.apply_rows(rules.rmsprop, lazy, np.arange(4), grad, lazy_state, **hyper)
     np.testing.assert_allclose(lazy, dense, rtol=1e-13)
+
+
+def test_apply_rows_after_dense_steps_on_the_flattened_key_updates_the_right_rows():
+    rng = np.random.default_rng(5)
+    lazy = rng.standard_normal((4, 3))
+    reference = lazy.copy()
+    lazy_state, reference_state = {}, {}
+    grad = rng.standard_normal((4, 3))
+    rules.adam(lazy.reshape(-1), grad.reshape(-1), lazy_state, lr=0.1)  # as a server does
+    rules.adam(reference, grad, reference_state, lr=0.1)
+    rows, row_grads = np.array([0, 2]), rng.standard_normal((2, 3))
+    rules.apply_rows(rules.adam, lazy, rows, row_grads, lazy_state, lr=0.1)
+    rules.apply_rows(rules.adam, reference, rows, row_grads, reference_state, lr=0.1)
+    np.testing.assert_array_equal(lazy, reference)
+    np.testing.assert_array_equal(lazy_state["exp_avg"].reshape(4, 3), reference_state["exp_avg"])
 
 
 @pytest.mark.parametrize("name", sorted(rules.RULES))

@@ -164,7 +164,9 @@ def _apply_row_group(rule, param, rows, row_grads, state, hyper, fresh):
     row_state = {}
     if not fresh:
         for name, value in state.items():
-            row_state[name] = value[rows].reshape(broadcast_shape) if name == "step" else value[rows]
+            # reshape: a server's dense updates may have made the state on the flattened key
+            row_state[name] = value[rows].reshape(broadcast_shape) if name == "step" \
+                else value.reshape(param.shape)[rows]
     row_params = param[rows]
     rule(row_params, row_grads, row_state, **hyper)
     param[rows] = row_params
@@ -174,4 +176,4 @@ def _apply_row_group(rule, param, rows, row_grads, state, hyper, fresh):
             continue
         if name not in state:
             state[name] = np.zeros_like(param)  # rows never touched are re-initialised by the rule
-        state[name][rows] = value
+        state[name].reshape(param.shape)[rows] = value  # a view: writes into the state array
