@@ -18,10 +18,10 @@ def matmul(a, b):
         # Promote 1-D operands to matrices so one pair of formulas covers every case.
         a2 = a.data[None, :] if a.ndim == 1 else a.data
         b2 = b.data[:, None] if b.ndim == 1 else b.data
+        if b.ndim == 1:  # b first: for vector @ vector, g is 0-d and must grow to (1, 1)
+            g = g[..., None]
         if a.ndim == 1:
-            g = xp.expand_dims(g, -2)
-        if b.ndim == 1:
-            g = xp.expand_dims(g, -1)
+            g = g[..., None, :]
         grad_a = grad_b = None
         if a.requires_grad:
             grad_a = xp.matmul(g, xp.swapaxes(b2, -1, -2))
