@@ -38,6 +38,7 @@ class Child:
         self.popen = None
         self.returncode = None
         self.killed_by_us = False
+        self.asked_to_stop = False
         self.relays = {}  # fd -> LinePrefixer
 
     @property
@@ -69,6 +70,7 @@ class Child:
         return self.popen is not None and self.returncode is None
 
     def ask_to_stop(self):
+        self.asked_to_stop = True
         if self.command.stopped_by_closing_stdin:
             with contextlib.suppress(OSError):
                 self.popen.stdin.close()
@@ -193,13 +195,20 @@ class Job:
             if code != 0 and not self.stopping:
                 self._fail(f"{child.name} exited with code {code}{self._signal_hint(child, code)}",
                            exit_code_for(code))
-            elif code != 0 and self.exit_code == 0 and not child.killed_by_us:
+            elif code != 0 and self.exit_code == 0 and not self._stopped_as_asked(child, code):
                 # Every worker succeeded, but a server failed while shutting down.
                 self._say(f"{child.name} exited with code {code} while stopping")
                 self.exit_code = exit_code_for(code)
         workers = [child for child in self.children if child.process.role == "worker"]
         if not self.stopping and all(child.returncode == 0 for child in workers):
             self._stop_all()
+
+    @staticmethod
+    def _stopped_as_asked(child, code):
+        """A process we killed, or one that our SIGTERM ended before it could install
+        its handler (a server still starting when the last worker finished)."""
+        by_sigterm = -signal.SIGTERM if not child.command.stopped_by_closing_stdin else 128 + signal.SIGTERM
+        return child.killed_by_us or (child.asked_to_stop and code == by_sigterm)
 
     @staticmethod
     def _signal_hint(child, code):

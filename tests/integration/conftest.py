@@ -72,7 +72,7 @@ class LaunchRun:
         self.popen = subprocess.Popen(
             list(prefix) + list(argv), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             stdin=subprocess.DEVNULL, text=True, start_new_session=True,
-            env={**os.environ, TAG_VARIABLE: tag, **(env or {})})
+            env={**os.environ, **(env or {}), TAG_VARIABLE: tag})
         self.stdout = self.stderr = ""
 
     def finish(self, deadline_s=DEADLINE_S):

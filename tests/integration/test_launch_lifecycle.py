@@ -27,7 +27,8 @@ def worker_reports(stdout):
 def test_successful_workers_end_the_job_with_exit_0_and_the_servers_stopped(launch_run):
     tag = new_tag()
     run = launch_run(launcher_argv("-n", "3", "-s", "2", "--env", "EXTRA=x=y",
-                                   command=TOY_WORKER + ["--stderr-line", "to stderr"], tag=tag), tag)
+                                   command=TOY_WORKER + ["--stderr-line", "to stderr", "--greet-scheduler"],
+                                   tag=tag), tag)
     assert run.finish() == 0, run.stderr
     reports = worker_reports(run.stdout)
     assert sorted(reports) == [0, 1, 2]

@@ -1,5 +1,11 @@
-"""Stands in for `python -m disttrain.ps` in launcher tests: announces itself, then
-waits for SIGTERM and exits 0, as the real scheduler and servers do."""
+#!/usr/bin/env python3
+"""Stands in for `python -m disttrain.ps` in launcher tests: a toy rendezvous over TCP,
+then it waits for SIGTERM and exits 0, as the real scheduler and servers do.
+
+The scheduler listens on DISTTRAIN_SCHEDULER; each server registers there; a worker
+that connects (toy_worker.py --greet-scheduler) is answered only once every server has
+registered, so a test that greets knows all of them are up, SIGTERM handler included.
+"""
 
 import os
 import signal
@@ -11,23 +17,55 @@ import time
 DEADLINE_S = 60.0  # never outlive a broken test
 
 
-def answer_greetings():
-    """The scheduler listens on DISTTRAIN_SCHEDULER, so a test can prove the workers
-    reach it across hosts: each connection gets one line back."""
+def scheduler_address():
     host, port = os.environ["DISTTRAIN_SCHEDULER"].rsplit(":", 1)
-    with socket.create_server((host, int(port))) as server:
+    return host, int(port)
+
+
+def serve_rendezvous(num_servers):
+    servers_up = threading.Semaphore(0)
+    with socket.create_server(scheduler_address()) as listener:
         while True:
-            connection, _ = server.accept()
-            with connection:
-                connection.sendall(f"hello from {socket.gethostname()} {host}\n".encode())
+            connection, _ = listener.accept()
+            threading.Thread(target=answer, args=(connection, servers_up, num_servers),
+                             daemon=True).start()
+
+
+def answer(connection, servers_up, num_servers):
+    with connection:
+        who = connection.makefile().readline().strip()
+        if who == "server":
+            servers_up.release()
+            return
+        for _ in range(num_servers):  # workers wait for every server, then for nobody
+            servers_up.acquire(timeout=DEADLINE_S)
+        for _ in range(num_servers):
+            servers_up.release()
+        connection.sendall(f"hello from {socket.gethostname()} {scheduler_address()[0]}\n".encode())
+
+
+def register_server():
+    end = time.monotonic() + DEADLINE_S
+    while True:
+        try:
+            with socket.create_connection(scheduler_address(), timeout=2.0) as connection:
+                connection.sendall(b"server\n")
+                return
+        except OSError:
+            if time.monotonic() > end:
+                raise
+            time.sleep(0.05)
 
 
 def main():
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     role, rank = os.environ["DISTTRAIN_ROLE"], os.environ.get("DISTTRAIN_RANK", "-")
-    print(f"{role} {rank} up at {os.environ['DISTTRAIN_SCHEDULER']}", flush=True)
     if role == "scheduler":
-        threading.Thread(target=answer_greetings, daemon=True).start()
+        num_servers = int(os.environ["DISTTRAIN_NUM_SERVERS"])
+        threading.Thread(target=serve_rendezvous, args=(num_servers,), daemon=True).start()
+    else:
+        register_server()
+    print(f"{role} {rank} up at {os.environ['DISTTRAIN_SCHEDULER']}", flush=True)
     time.sleep(DEADLINE_S)
     print(f"{role} {rank}: nobody stopped me within {DEADLINE_S:g} s", file=sys.stderr)
     return 1

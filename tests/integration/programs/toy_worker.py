@@ -21,6 +21,8 @@ def greet(address, deadline_s=10.0):
     while True:
         try:
             with socket.create_connection((host, int(port)), timeout=2.0) as connection:
+                connection.settimeout(deadline_s)  # the scheduler answers once all servers are up
+                connection.sendall(b"worker\n")
                 return connection.makefile().readline().strip()
         except OSError:
             if time.monotonic() > end:

@@ -1,0 +1,197 @@
+"""The Slurm back end against a real single-node Slurm (Debian's slurm-wlm): the test
+writes a config, starts munged, slurmctld and slurmd on free ports, and runs the launcher
+inside `salloc` and through launch/slurm.sbatch."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+
+from tests.integration.conftest import (
+    PROGRAMS, PYTHON, ROOT, TAG_VARIABLE, TOY_WORKER, kill_tagged, launcher_argv, new_tag, tagged_pids,
+    wait_for_no_tagged, wait_for_program_pid)
+
+pytestmark = pytest.mark.slow
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "salloc", "sbatch", "srun")
+CLUSTER_START_DEADLINE_S = 30.0
+INSTALL_HINT = "apt-get install -y slurm-wlm munge"
+FAKE_PS_EXECUTABLE = os.path.join(PROGRAMS, "fake_ps.py")
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def slurm_config(directory, node, cpus):
+    return f"""\
+ClusterName=disttrain-test
+SlurmctldHost={node}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={directory}/munge.sock
+CredType=cred/munge
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+StateSaveLocation={directory}/state
+SlurmdSpoolDir={directory}/spool
+SlurmctldPidFile={directory}/slurmctld.pid
+SlurmdPidFile={directory}/slurmd.pid
+SlurmctldLogFile={directory}/slurmctld.log
+SlurmdLogFile={directory}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SchedulerType=sched/builtin
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def wait_for_idle_node(env, directory):
+    end = time.monotonic() + CLUSTER_START_DEADLINE_S
+    while time.monotonic() < end:
+        state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
+                               text=True, timeout=10).stdout.strip()
+        if state == "idle":
+            return
+        time.sleep(0.2)
+    logs = "".join(open(os.path.join(directory, name)).read()[-2000:]
+                   for name in ("slurmctld.log", "slurmd.log") if os.path.exists(os.path.join(directory, name)))
+    pytest.fail(f"single-node Slurm not idle within {CLUSTER_START_DEADLINE_S:g} s "
+                f"(sinfo says {state!r})\n{logs}")
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Environment (SLURM_CONF) of a private single-node Slurm, torn down after the module."""
+    missing = [name for name in DAEMONS if shutil.which(name) is None and
+               not os.path.exists(f"/usr/sbin/{name}")]
+    if os.geteuid() != 0:
+        pytest.skip("a private Slurm needs root (slurmd runs jobs as any user)")
+    if missing:
+        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): {INSTALL_HINT}")
+    directory = tmp_path_factory.mktemp("slurm")
+    os.chmod(directory, 0o711)  # munged wants its socket's directory searchable by all
+    for sub in ("state", "spool"):
+        os.makedirs(directory / sub)
+    with open(directory / "munge.key", "wb") as key:
+        key.write(os.urandom(128))
+    os.chmod(directory / "munge.key", 0o600)
+    node = socket.gethostname()
+    with open(directory / "slurm.conf", "w") as config:
+        config.write(slurm_config(directory, node, len(os.sched_getaffinity(0))))
+    cluster_tag = new_tag()  # slurmstepd and every step inherit it: cleanup finds them
+    env = {**os.environ, "SLURM_CONF": str(directory / "slurm.conf"), TAG_VARIABLE: cluster_tag}
+    sbin = lambda name: shutil.which(name) or f"/usr/sbin/{name}"
+    commands = [
+        [sbin("munged"), "-F", "--force", f"--key-file={directory}/munge.key",
+         f"--socket={directory}/munge.sock", f"--pid-file={directory}/munged.pid",
+         f"--log-file={directory}/munged.log", f"--seed-file={directory}/munged.seed"],
+        [sbin("slurmctld"), "-D", "-i", "-f", env["SLURM_CONF"]],
+        [sbin("slurmd"), "-D", "-N", node, "-f", env["SLURM_CONF"]],
+    ]
+    daemons = []
+    try:
+        for command in commands:
+            daemons.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL, start_new_session=True))
+            time.sleep(0.3)  # munged's socket before slurmctld, slurmctld before slurmd
+        wait_for_idle_node(env, directory)
+        yield env
+    finally:
+        subprocess.run(["scancel", "--full", "--user=root"], env=env, capture_output=True, timeout=20)
+        for daemon in reversed(daemons):
+            os.killpg(daemon.pid, signal.SIGTERM)
+            try:
+                daemon.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(daemon.pid, signal.SIGKILL)
+                daemon.wait(timeout=10)
+        kill_tagged(cluster_tag)
+
+
+def salloc(tasks):
+    return ["salloc", "--nodes=1", f"--ntasks={tasks}", "--quiet"]
+
+
+def test_job_inside_salloc_gets_one_worker_per_task_and_exits_0(slurm_env, launch_run):
+    tag = new_tag()
+    argv = launcher_argv("--launcher", "slurm", command=TOY_WORKER + ["--greet-scheduler"], tag=tag)
+    run = launch_run(argv, tag, prefix=salloc(2), env=slurm_env)
+    assert run.finish() == 0, run.stderr
+    assert run.stdout.count("greeting: hello from") == 2  # -n defaulted to SLURM_NTASKS
+    assert "[worker 1] worker 1 done" in run.stdout
+    assert "scheduler 0; servers 0; workers 0 0" in run.stderr.strip().splitlines()[-1]
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_sigterm_to_the_launcher_stops_the_srun_steps(slurm_env, launch_run):
+    tag = new_tag()
+    argv = launcher_argv("--launcher", "slurm", "--grace", "2",
+                         command=TOY_WORKER + ["--sleep", "60"], tag=tag)
+    run = launch_run(argv, tag, prefix=salloc(2), env=slurm_env)
+    for rank in (0, 1):
+        wait_for_program_pid(tag, "worker", rank, "toy_worker.py", deadline_s=15.0)
+    os.kill(launcher_pid(tag), signal.SIGTERM)
+    assert run.finish() == 128 + signal.SIGTERM
+    assert "launch: got SIGTERM, stopping every process" in run.stderr
+    assert wait_for_no_tagged(tag) == []
+
+
+def launcher_pid(tag):
+    """salloc runs the launcher as its child: find it by its argv."""
+    pids = []
+    for pid in tagged_pids(tag):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                argv = cmdline.read().split(b"\0")
+        except OSError:
+            continue
+        if argv[:3] == [PYTHON.encode(), b"-m", b"launch"]:
+            pids.append(pid)
+    assert len(pids) == 1, f"expected one launcher under salloc, found pids {pids}"
+    return pids[0]
+
+
+def test_srun_worker_killed_with_sigkill_fails_the_job_with_137(slurm_env, launch_run):
+    tag = new_tag()
+    argv = launcher_argv("--launcher", "slurm", "--grace", "2",
+                         command=TOY_WORKER + ["--sleep", "60"], tag=tag)
+    run = launch_run(argv, tag, prefix=salloc(2), env=slurm_env)
+    os.kill(wait_for_program_pid(tag, "worker", 0, "toy_worker.py", deadline_s=15.0), signal.SIGKILL)
+    assert run.finish() == 128 + signal.SIGKILL
+    assert "launch: worker 0 exited with code 137 (SIGKILL on " in run.stderr
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_shipped_sbatch_script_runs_the_job(slurm_env, tmp_path):
+    tag = new_tag()
+    output = tmp_path / "job.out"
+    env = {**slurm_env, "PYTHON": PYTHON, TAG_VARIABLE: tag,
+           # The script splits these options on spaces, so the stand-in PS runs by its shebang.
+           "DISTTRAIN_LAUNCH_OPTIONS": f"--ps-command {FAKE_PS_EXECUTABLE} --env {TAG_VARIABLE}={tag}"}
+    try:
+        result = subprocess.run(
+            ["sbatch", "--wait", "--nodes=1", "--ntasks=2", f"--output={output}",
+             os.path.join(ROOT, "launch", "slurm.sbatch"), *TOY_WORKER, "--greet-scheduler"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        text = output.read_text() if output.exists() else ""
+        assert result.returncode == 0, result.stderr + text
+        assert "[worker 0] worker 0 done" in text and "[worker 1] worker 1 done" in text
+        assert "exit 0; scheduler 0; servers 0; workers 0 0" in text
+    finally:
+        kill_tagged(tag)
+    assert wait_for_no_tagged(tag) == []
