@@ -53,7 +53,8 @@ def test_data_dir_may_be_the_parent_of_an_mnist_folder(tmp_path):
     assert load_mnist(tmp_path)[1].tolist() == [0, 9]
 
 
-@pytest.mark.parametrize("dtype,code", [(np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D), (np.float64, 0x0E)])
+@pytest.mark.parametrize("dtype,code", [(np.int16, 0x0B), (np.int32, 0x0C), (np.float32, 0x0D),
+                                        (np.float64, 0x0E)])
 def test_big_endian_idx_types_are_read_in_native_order(tmp_path, dtype, code):
     array = (np.arange(6).reshape(2, 3) - 2).astype(dtype)
     (tmp_path / "x.idx").write_bytes(_idx_bytes(array, code))
