@@ -4,9 +4,9 @@ Each layer-direction is one fused op: the input projection of every time step is
 matmul made before the time loop, and the loop itself - one ``h @ weight_hh.T`` matmul for
 all gates per step, then the gate arithmetic - runs in numpy inside a single graph node whose
 gradient rule is back-propagation through time written out by hand. Composing the same loop
-from primitive ops costs a graph node per gate operation and, worse, a full-size gradient
-array per ``gates_x[t]`` slice in backward (measured for the char-LSTM of workers/char_lstm.py:
-hidden 256, batch 32 x 64 steps, see the numbers in tests/nn/test_recurrent.py's docstring).
+from primitive ops costs a graph node per gate operation and a full-size gradient array per
+``gates_x[t]`` slice in backward: for the char-LSTM shape (hidden 256, batch 32, 64 steps, one
+BLAS thread) forward + backward measured 190 ms composed against 55 ms fused.
 A cell (``LSTMCell`` ...) is the same op run for one time step.
 
 Parameter names, shapes, gate order and initialisation are PyTorch's: ``weight_ih_l{k}``
@@ -458,18 +458,20 @@ class RNNCellBase(Module):
         batch = x.shape[1]
         xp = xp_of(input)
         states = []
+        shape = (batch, self.hidden_size) if batched else (self.hidden_size,)
         for s in state:
             if s is None:
-                s = Tensor(xp.zeros((batch, self.hidden_size), input.dtype))
-            elif not isinstance(s, Tensor):
+                states.append(Tensor(xp.zeros((batch, self.hidden_size), input.dtype)))
+                continue
+            if not isinstance(s, Tensor):
                 s = Tensor(s)
-            if s.shape != ((batch, self.hidden_size) if batched else (self.hidden_size,)):
-                raise ValueError(f"{name}: state of shape {s.shape} for an input of shape {input.shape}")
+            if s.shape != shape:
+                raise ValueError(f"{name}: state of shape {s.shape} for an input of shape {input.shape}; "
+                                 f"expected {shape}")
             states.append(s.reshape(batch, self.hidden_size))
         gates_x = _input_projection(x, self.weight_ih, _folded_bias(self.mode, self.bias_ih, self.bias_hh))
         c0 = states[1] if self.mode == "LSTM" else None
         _, h, c = _run_direction(self.mode, gates_x, states[0], c0, self.weight_hh, self.bias_hh, False)
-        shape = (batch, self.hidden_size) if batched else (self.hidden_size,)
         return h.reshape(shape), (c.reshape(shape) if c is not None else None)
 
     def extra_repr(self):
