@@ -1,0 +1,229 @@
+"""Parameter-server benchmark: push+pull throughput for 1-256 MB models on 1 and 2 servers,
+next to raw pyzmq PUSH/PULL moving the same bytes in the same run, and the round trip of a
+tiny push+pull next to a raw DEALER/ROUTER round trip. Last line: one JSON object.
+
+    python scripts/bench_ps.py [--sizes 1,16,64,256] [--servers 1,2] [--transport ipc|tcp]
+
+Throughput counts the bytes that cross the wire: a push+pull of an M-byte model moves 2M
+(gradient out, weights back), and the raw baseline moves the same 2M as 1 MB messages
+(raw pyzmq's fastest message size here) out to an echo peer and back.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from disttrain.ps import client, scheduler  # noqa: E402
+
+RAW_MESSAGE_BYTES = 1 << 20
+MB = 1 << 20
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# --- raw pyzmq baselines (the peer runs in its own process, like a server) -------------------
+def raw_peer(kind, address_in, address_out):
+    context = zmq.Context()
+    if kind == "pushpull":
+        inbound, outbound = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+        inbound.bind(address_in)
+        outbound.bind(address_out)
+        while True:
+            count = int.from_bytes(inbound.recv(), "little")   # how many messages follow
+            frames = [inbound.recv(copy=False) for _ in range(count)]
+            for frame in frames:
+                outbound.send(frame, copy=False)
+    else:
+        router = context.socket(zmq.ROUTER)
+        router.bind(address_in)
+        while True:
+            router.send_multipart(router.recv_multipart())
+
+
+def start_raw_peer(kind, transport):
+    def address():
+        if transport == "ipc":
+            return f"ipc://{tempfile.gettempdir()}/bench-{uuid.uuid4().hex[:10]}.ipc"
+        return f"tcp://127.0.0.1:{free_port()}"
+    address_in, address_out = address(), address()
+    process = subprocess.Popen([sys.executable, __file__, "--raw-peer", kind, address_in,
+                                address_out], start_new_session=True)
+    return process, address_in, address_out
+
+
+def raw_throughput(nbytes, repeats, transport):
+    """Bytes/s of sending nbytes out and back through PUSH/PULL in 1 MB messages."""
+    process, address_in, address_out = start_raw_peer("pushpull", transport)
+    context = zmq.Context()
+    try:
+        out, back = context.socket(zmq.PUSH), context.socket(zmq.PULL)
+        out.connect(address_in)
+        back.connect(address_out)
+        data = np.ones(nbytes // 4, np.float32)
+        pieces = [data[i:i + RAW_MESSAGE_BYTES // 4] for i in range(0, data.size, RAW_MESSAGE_BYTES // 4)]
+
+        def once():
+            out.send(len(pieces).to_bytes(8, "little"))
+            for piece in pieces:
+                out.send(piece, copy=False)
+            for _ in pieces:
+                back.recv(copy=False)
+        once()   # connect and warm up
+        start = time.perf_counter()
+        for _ in range(repeats):
+            once()
+        return 2 * nbytes * repeats / (time.perf_counter() - start)
+    finally:
+        context.destroy(linger=0)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+def raw_round_trip(repeats, transport):
+    process, address, _ = start_raw_peer("echo", transport)
+    context = zmq.Context()
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.connect(address)
+        message = np.ones(4, np.float32).tobytes()
+        times = []
+        for i in range(repeats + 100):
+            start = time.perf_counter()
+            dealer.send(message)
+            dealer.recv()
+            if i >= 100:
+                times.append(time.perf_counter() - start)
+        return float(np.median(times))
+    finally:
+        context.destroy(linger=0)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+# --- the parameter server ---------------------------------------------------------------------
+class Job:
+    """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one worker."""
+
+    def __init__(self, num_servers, transport):
+        port = free_port()
+        self.env = dict(os.environ, DISTTRAIN_SCHEDULER=f"127.0.0.1:{port}",
+                        DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS=str(num_servers),
+                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120")
+        self.processes = [self._start("scheduler")] + [self._start("server") for _ in range(num_servers)]
+        self.membership = scheduler.Membership("worker", f"127.0.0.1:{port}", 10, 120)
+        book = self.membership.register()
+        if transport == "tcp":   # without an ipc address the client connects over tcp
+            for entry in book["server"]:
+                entry["ipc"] = ""
+        self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
+
+    def _start(self, role):
+        return subprocess.Popen([sys.executable, "-m", "disttrain.ps"],
+                                env=dict(self.env, DISTTRAIN_ROLE=role), start_new_session=True)
+
+    def close(self):
+        try:
+            self.membership.goodbye()
+        finally:
+            self.store.close()
+            self.membership.close()
+            for process in self.processes:
+                try:
+                    process.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+
+
+def ps_throughput(job, nbytes, repeats, key):
+    store = job.store
+    weights = np.zeros(nbytes // 4, np.float32)
+    store.declare(key, weights.shape, weights.dtype)
+    store.init({key: weights}, {"name": "sgd", "hyper": {"lr": 1e-3}})
+    grad = np.ones_like(weights)
+    store.pushpull({key: grad}, {key: weights}, 0, lr=1e-3)   # warm up
+    start = time.perf_counter()
+    for clock in range(1, repeats + 1):
+        store.pushpull({key: grad}, {key: weights}, clock, lr=1e-3)
+    elapsed = time.perf_counter() - start
+    expected = -1e-3 * (repeats + 1)
+    assert abs(float(weights[0]) - expected) < 1e-6, (weights[0], expected)   # it really trained
+    return 2 * nbytes * repeats / elapsed
+
+
+def ps_round_trip(job, repeats):
+    store = job.store
+    weights = np.zeros(4, np.float32)
+    store.declare("tiny", weights.shape, weights.dtype)
+    store.init({"tiny": weights}, {"name": "sgd", "hyper": {"lr": 1e-3}})
+    grad = np.ones_like(weights)
+    times = []
+    for clock in range(repeats + 100):
+        start = time.perf_counter()
+        store.pushpull({"tiny": grad}, {"tiny": weights}, clock, lr=1e-3)
+        if clock >= 100:
+            times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def repeats_for(nbytes):
+    return max(3, min(30, (512 * MB) // nbytes))
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--raw-peer":
+        return raw_peer(*sys.argv[2:5])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="1,16,64,256", help="model sizes in MB")
+    parser.add_argument("--servers", default="1,2")
+    parser.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
+    parser.add_argument("--rtt-repeats", type=int, default=2000)
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    server_counts = [int(s) for s in args.servers.split(",")]
+
+    print(f"transport {args.transport}, raw messages of {RAW_MESSAGE_BYTES // MB} MB, "
+          f"{os.cpu_count()} cpus")
+    print(f"{'model MB':>8} {'servers':>7} {'ps GB/s':>8} {'raw GB/s':>9} {'ratio':>6}")
+    ratios = {}
+    raw = {size: raw_throughput(size * MB, repeats_for(size * MB), args.transport) for size in sizes}
+    for servers in server_counts:
+        job = Job(servers, args.transport)
+        try:
+            for size in sizes:
+                ps = ps_throughput(job, size * MB, repeats_for(size * MB), f"model{size}")
+                ratio = ps / raw[size]
+                ratios.setdefault(size, []).append(ratio)
+                print(f"{size:>8} {servers:>7} {ps / 1e9:>8.2f} {raw[size] / 1e9:>9.2f} {ratio:>6.2f}",
+                      flush=True)
+            if servers == server_counts[0]:
+                ps_rtt = ps_round_trip(job, args.rtt_repeats)
+        finally:
+            job.close()
+    raw_rtt = raw_round_trip(args.rtt_repeats, args.transport)
+    print(f"tiny push+pull round trip {ps_rtt * 1e6:.0f} us, raw DEALER/ROUTER {raw_rtt * 1e6:.0f} us, "
+          f"ratio {ps_rtt / raw_rtt:.2f}")
+    # The figure per size is the best server count's ratio (more servers should never be slower).
+    summary = {"throughput_ratio_16mb": round(max(ratios[16]), 3) if 16 in ratios else None,
+               "throughput_ratio_256mb": round(max(ratios[256]), 3) if 256 in ratios else None,
+               "rtt_ratio": round(ps_rtt / raw_rtt, 3)}
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
