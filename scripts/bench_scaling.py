@@ -1,0 +1,184 @@
+"""Scaling benchmark: samples/s of `workers/mnist.py --model lenet` with 1 and 2 workers
+through the launcher, beside PyTorch DistributedDataParallel (gloo) with 1 and 2 processes
+on the same LeNet-5, batch and optimizer, in the same run; and the ceiling: two independent
+single processes with no communication at all. Last line: one JSON object.
+
+    python scripts/bench_scaling.py [--steps 300] [--batch-size 64] [--bind]
+"""
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MNIST = os.path.join(ROOT, "workers", "mnist.py")
+RUN_DEADLINE_S = 600.0
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def clean_env():
+    """Our environment without any DISTTRAIN_ variable, so a lone run trains locally."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("DISTTRAIN_")}
+    return {**env, **ONE_THREAD}
+
+
+def last_json(stdout, prefix=""):
+    lines = [line[len(prefix):] for line in stdout.splitlines() if line.startswith(prefix + "{")]
+    if not lines:
+        raise RuntimeError(f"no JSON summary line in:\n{stdout[-2000:]}")
+    return json.loads(lines[-1])
+
+
+def run(argv, env):
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=RUN_DEADLINE_S)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {result.returncode}:\n{result.stderr[-3000:]}")
+    return result.stdout
+
+
+def mnist_flags(args):
+    return ["--model", "lenet", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
+            "--lr", str(args.lr), "--seed", "0", "--no-progress"]
+
+
+def ours_launched(workers, args):
+    """Total samples/s of `workers` workers (+ scheduler and one server) via the launcher."""
+    argv = [sys.executable, "-m", "launch", "-n", str(workers), "-s", "1"]
+    if args.bind:
+        argv.append("--bind")
+    stdout = run(argv + ["--", sys.executable, MNIST] + mnist_flags(args), clean_env())
+    return last_json(stdout, "[worker 0] ")["samples_per_s"]
+
+
+def concurrently(argvs, env):
+    """Runs the commands at the same time; returns their stdouts."""
+    popens = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True) for argv in argvs]
+    try:
+        outputs = [popen.communicate(timeout=RUN_DEADLINE_S) for popen in popens]
+    finally:
+        for popen in popens:
+            if popen.poll() is None:
+                popen.kill()
+                popen.wait()
+    for popen, (stdout, stderr) in zip(popens, outputs):
+        if popen.returncode != 0:
+            raise RuntimeError(f"{' '.join(popen.args)} exited {popen.returncode}:\n{stderr[-3000:]}")
+    return [stdout for stdout, _ in outputs]
+
+
+def ours_independent(copies, args):
+    """The ceiling: `copies` lone mnist.py processes at once, no parameter server."""
+    argvs = [[sys.executable, MNIST] + mnist_flags(args)] * copies
+    return sum(last_json(stdout)["samples_per_s"] for stdout in concurrently(argvs, clean_env()))
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def torch_run(processes, args, ddp):
+    """Total samples/s of `processes` PyTorch processes: DDP over gloo, or independent."""
+    port = str(free_port())
+    argvs = [[sys.executable, os.path.abspath(__file__), "--torch-rank", str(rank),
+              "--torch-world", str(processes), "--torch-port", port, "--steps", str(args.steps),
+              "--batch-size", str(args.batch_size), "--lr", str(args.lr)] + ([] if ddp else ["--no-ddp"])
+             for rank in range(processes)]
+    reports = [last_json(stdout) for stdout in concurrently(argvs, clean_env())]
+    if ddp:  # one job: all samples over the slowest process's time
+        return sum(r["samples"] for r in reports) / max(r["seconds"] for r in reports)
+    return sum(r["samples"] / r["seconds"] for r in reports)
+
+
+def torch_worker(args):
+    """One PyTorch process: LeNet-5 as in workers/mnist.py, SGD with momentum, its shard."""
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch import nn
+
+    sys.path.insert(0, ROOT)
+    from disttrain.data import load_mnist
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    world = args.torch_world if not args.no_ddp else 1
+    rank = args.torch_rank if not args.no_ddp else 0
+    x, y = load_mnist(os.path.join(ROOT, "data", "mnist"), "train")
+    x = torch.from_numpy(((x.astype(np.float32) / 255.0 - 0.1307) / 0.3081)[rank::world, None])
+    y = torch.from_numpy(y.astype(np.int64)[rank::world])
+    model = nn.Sequential(
+        nn.Conv2d(1, 6, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 16, 5), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, 10))
+    if not args.no_ddp:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=args.torch_port)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        model = nn.parallel.DistributedDataParallel(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    loss_fn = nn.CrossEntropyLoss()
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(0))
+    batches_per_epoch = len(x) // args.batch_size
+    start = time.perf_counter()
+    for step in range(args.steps):
+        index = order[(step % batches_per_epoch) * args.batch_size:][:args.batch_size]
+        optimizer.zero_grad()
+        loss = loss_fn(model(x[index]), y[index])
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    if not args.no_ddp:
+        dist.destroy_process_group()
+    print(json.dumps({"samples": args.steps * args.batch_size, "seconds": seconds, "loss": loss.item()}))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per worker and run")
+    parser.add_argument("--batch-size", type=int, default=64, help="per-worker / per-process batch")
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--bind", action="store_true", help="launch our workers with --bind")
+    parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-world", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--torch-port", help=argparse.SUPPRESS)
+    parser.add_argument("--no-ddp", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_rank is not None:
+        return torch_worker(args)
+    if not os.path.exists(MNIST):
+        sys.exit(f"bench_scaling: {MNIST} does not exist")
+
+    rows = {}
+    rows["disttrain, 1 worker (launch)"] = ours_launched(1, args)
+    rows["disttrain, 2 workers (launch)"] = ours_launched(2, args)
+    rows["disttrain, 2 independent processes"] = ours_independent(2, args)
+    rows["PyTorch DDP gloo, 1 process"] = torch_run(1, args, ddp=True)
+    rows["PyTorch DDP gloo, 2 processes"] = torch_run(2, args, ddp=True)
+    rows["PyTorch, 2 independent processes"] = torch_run(2, args, ddp=False)
+
+    values = list(rows.values())
+    scaling_2w = values[1] / (2 * values[0])
+    ddp_scaling_2p = values[4] / (2 * values[3])
+    vs_ceiling = values[1] / values[2]
+    efficiencies = [None, scaling_2w, values[2] / (2 * values[0]), None, ddp_scaling_2p, values[5] / (2 * values[3])]
+    print(f"LeNet-5 on MNIST, batch {args.batch_size} per process, {args.steps} steps, "
+          f"{len(os.sched_getaffinity(0))} cores")
+    print(f"{'run':40s} {'samples/s':>10s} {'vs 2x one':>10s}")
+    for (name, value), efficiency in zip(rows.items(), efficiencies):
+        print(f"{name:40s} {value:10.0f} {'' if efficiency is None else f'{efficiency:10.2f}':>10s}")
+    print(f"disttrain 2 workers vs the no-communication ceiling: {vs_ceiling:.2f}; "
+          f"PyTorch DDP 2 vs its ceiling: {values[4] / values[5]:.2f}")
+    print(json.dumps({"scaling_2w": round(scaling_2w, 3), "ddp_scaling_2p": round(ddp_scaling_2p, 3),
+                      "vs_ceiling": round(vs_ceiling, 3),
+                      "samples_per_s": {name: round(value, 1) for name, value in rows.items()}}))
+
+
+if __name__ == "__main__":
+    main()
