@@ -225,3 +225,15 @@ def test_call_runs_forward_and_repr_shows_the_tree():
     assert block(dt.randn(2, 1, 4, 4)).shape == (2, 2)
     with pytest.raises(NotImplementedError, match="Module does not define forward"):
         nn.Module()(1)
+
+
+def test_deepcopy_and_pickle_give_independent_modules_with_equal_weights():
+    import copy
+    import pickle
+    model = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.Tanh())
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone[0].weight is not model[0].weight
+        for name, value in model.state_dict().items():
+            np.testing.assert_array_equal(clone.state_dict()[name], value, err_msg=name)
+        clone[0].weight.data[...] = 0
+        assert np.any(model[0].weight.data != 0)
