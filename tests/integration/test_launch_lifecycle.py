@@ -4,6 +4,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -93,13 +94,27 @@ def test_signal_to_the_launcher_stops_every_process(launch_run, signum):
     assert wait_for_no_tagged(tag) == []
 
 
+def ignores_sigterm(pid, deadline_s=10.0):
+    """Whether `pid` has set SIGTERM to ignored (its SigIgn mask in /proc) within the deadline."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
+        if int(mask, 16) & (1 << (signal.SIGTERM - 1)):
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(launch_run):
     tag = new_tag()
     run = launch_run(launcher_argv("-n", "2", "--grace", "1", command=TOY_WORKER + [
-        "--sleep", "60", "--ignore-sigterm", "--raise-on-rank", "0"], tag=tag), tag)
-    assert run.finish() == 1
+        "--sleep", "60", "--ignore-sigterm"], tag=tag), tag)
+    assert ignores_sigterm(wait_for_program_pid(tag, "worker", 1, "toy_worker.py"))
+    os.kill(wait_for_program_pid(tag, "worker", 0, "toy_worker.py"), signal.SIGKILL)
+    assert run.finish() == 128 + signal.SIGKILL
     assert "launch: worker 1 did not stop within 1 s; killing it" in run.stderr
-    assert "workers 1 SIGKILL" in run.stderr.strip().splitlines()[-1]
+    assert "workers SIGKILL SIGKILL" in run.stderr.strip().splitlines()[-1]
     assert wait_for_no_tagged(tag) == []
 
 

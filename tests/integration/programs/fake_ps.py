@@ -60,12 +60,13 @@ def register_server():
 def main():
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     role, rank = os.environ["DISTTRAIN_ROLE"], os.environ.get("DISTTRAIN_RANK", "-")
+    # Printed before the rendezvous, so a greeted worker knows this line was written.
+    print(f"{role} {rank} up at {os.environ['DISTTRAIN_SCHEDULER']}", flush=True)
     if role == "scheduler":
         num_servers = int(os.environ["DISTTRAIN_NUM_SERVERS"])
         threading.Thread(target=serve_rendezvous, args=(num_servers,), daemon=True).start()
     else:
         register_server()
-    print(f"{role} {rank} up at {os.environ['DISTTRAIN_SCHEDULER']}", flush=True)
     time.sleep(DEADLINE_S)
     print(f"{role} {rank}: nobody stopped me within {DEADLINE_S:g} s", file=sys.stderr)
     return 1
