@@ -65,6 +65,9 @@ def parse_args(argv):
         args.launcher = "ssh" if (args.hosts or args.hostfile) else "local"
     if args.launcher == "ssh" and not (args.hosts or args.hostfile):
         parser.error("--launcher ssh needs -H or --hostfile")
+    if args.launcher != "ssh" and (args.hosts or args.hostfile):
+        parser.error(f"-H/--hostfile name hosts for --launcher ssh, not {args.launcher} "
+                     "(slurm takes its hosts from the allocation)")
     return args
 
 

@@ -117,6 +117,9 @@ def exit_code_for(code):
 
 
 class Job:
+    """The children of one launch and the rules that end it: all workers exited 0
+    (exit 0), any process exited non-zero (its code), or a signal to us (128+N)."""
+
     def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S):
         self.children = [Child(process, command) for process, command in zip(processes, commands)]
         self.log_dir = log_dir

@@ -25,6 +25,7 @@ def test_hosts_imply_the_ssh_back_end():
     (["-n", "0", "--", "prog"], "-n 0: need at least one worker"),
     (["-s", "0", "--", "prog"], "-s 0: need at least one server"),
     (["--launcher", "ssh", "--", "prog"], "needs -H or --hostfile"),
+    (["--launcher", "slurm", "-H", "a:1", "--", "prog"], "not slurm"),
 ])
 def test_bad_command_lines_exit_2_with_the_reason(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
