@@ -17,7 +17,6 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_variable] = "1"
 
 import argparse  # noqa: E402
-import ctypes  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -34,16 +33,6 @@ try:
     torch.set_num_threads(1)
 except ImportError:  # the `bench` extra is not installed: time disttrain alone
     torch = None
-
-
-def keep_freed_memory():
-    """Serve big arrays from the heap and never give freed heap back (glibc only)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    mmap_threshold, trim_threshold = -3, -1  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD in malloc.h
-    return bool(libc.mallopt(mmap_threshold, 1 << 30)) and bool(libc.mallopt(trim_threshold, 1 << 30))
 
 
 def init_weights(shapes, seed):
@@ -126,7 +115,7 @@ def main():
     args = parser.parse_args()
     if args.steps < 20:
         parser.error("--steps must be at least 20")
-    tuned = not args.default_malloc and keep_freed_memory()
+    tuned = not args.default_malloc and dt.backend.keep_freed_memory()
 
     rng = np.random.default_rng(0)
     cases = {

@@ -1,0 +1,141 @@
+"""What every worker program shares: the common flags, a progress bar, checkpoints and the JSON summary."""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import disttrain as dt
+
+REPO_DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def parser(description, *, epochs, batch_size, lr):
+    """An ArgumentParser holding the common worker flags of DESIGN.md, with per-model defaults."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--epochs", type=float, default=epochs, help="passes over the training data (fractions allowed)")
+    p.add_argument("--batch-size", type=int, default=batch_size, help="per-worker batch size")
+    p.add_argument("--lr", type=float, default=lr, help="learning rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=str(REPO_DATA), help="folder holding the datasets")
+    p.add_argument("--mode", choices=["sync", "async", "ssp"], default="sync",
+                   help="parameter-server consistency when launched with several workers")
+    p.add_argument("--staleness", type=int, default=2, help="clock bound for --mode ssp")
+    p.add_argument("--checkpoint-dir", default=None, help="save here after every epoch; resume from here")
+    p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
+    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    return p
+
+
+def prepare(args):
+    """Validate the common flags, seed the library's RNG and tune the allocator for numpy."""
+    for name in ("epochs", "batch_size", "lr"):
+        if getattr(args, name) <= 0:
+            sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.staleness < 0:
+        sys.exit(f"error: --staleness must be >= 0, got {args.staleness}")
+    dt.manual_seed(args.seed)
+    dt.backend.keep_freed_memory()
+
+
+class Progress:
+    """A one-line progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
+
+    def __init__(self, total, label, enabled=True):
+        self.total, self.label, self.enabled = total, label, enabled
+        self.tty = sys.stderr.isatty()
+        self.start = self.last_draw = time.perf_counter()
+        self.samples = 0
+
+    def update(self, step, samples, **values):
+        self.samples += samples
+        now = time.perf_counter()
+        if not self.enabled or (now - self.last_draw < (0.2 if self.tty else 10.0) and step < self.total):
+            return
+        self.last_draw = now
+        width = 24
+        filled = int(width * step / max(self.total, 1))
+        shown = " ".join(f"{k} {v:.4f}" for k, v in values.items())
+        rate = self.samples / max(now - self.start, 1e-9)
+        line = (f"{self.label} [{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} "
+                f"{shown} {rate:.0f} samples/s {now - self.start:.0f}s")
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self):
+        if self.enabled and self.tty:
+            print(file=sys.stderr, flush=True)
+
+
+def total_steps(loader, args):
+    steps = math.ceil(args.epochs * len(loader))
+    return min(steps, args.max_steps) if args.max_steps else steps
+
+
+def checkpoint_path(args):
+    return Path(args.checkpoint_dir) / "checkpoint.safetensors" if args.checkpoint_dir else None
+
+
+def save_checkpoint(args, model, optimizer, schedule, step, trainer):
+    """Rank 0 saves model, optimizer and schedule state and the step; other ranks have the same weights."""
+    path = checkpoint_path(args)
+    if path is None or trainer.rank != 0:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    if schedule is not None:
+        state["schedule"] = schedule.state_dict()
+    dt.save(state, str(path))
+
+
+def load_checkpoint(args, model, optimizer, schedule=None):
+    """The step to resume from (0 without a checkpoint); loads weights, optimizer and schedule state."""
+    path = checkpoint_path(args)
+    if path is None or not path.exists():
+        return 0
+    state = dt.load(str(path))
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    if schedule is not None and "schedule" in state:
+        schedule.load_state_dict(state["schedule"])
+    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+    return int(state["step"])
+
+
+def batches(loader, first_step, last_step):
+    """(step, batch) pairs from first_step to last_step, across epochs of a deterministic loader.
+
+    Each epoch's order depends only on (seed, epoch), so a resumed run skips the batches that
+    the interrupted run consumed and then sees exactly what it would have seen.
+    """
+    per_epoch = len(loader)
+    step = first_step
+    while step < last_step:
+        epoch, skip = divmod(step, per_epoch)
+        loader.set_epoch(epoch)
+        for i, batch in enumerate(loader):
+            if i < skip:
+                continue
+            if step >= last_step:
+                break
+            yield step, batch
+            step += 1
+
+
+def summary(args, trainer, model_name, **fields):
+    """Rank 0 prints the JSON summary as its last stdout line, and writes it to --metrics."""
+    if trainer.rank != 0:
+        return None
+    line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
+            "servers": int(os.environ.get("DISTTRAIN_NUM_SERVERS", 0)) if trainer.is_distributed else 0,
+            "mode": args.mode if trainer.is_distributed else "local"}
+    line.update(fields)
+    text = json.dumps(line)
+    if args.metrics:
+        Path(args.metrics).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.metrics).write_text(text + "\n")
+    print(text, flush=True)
+    return line

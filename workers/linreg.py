@@ -1,0 +1,79 @@
+"""Linear regression by SGD on synthetic data, checked against the closed-form least-squares fit."""
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
+
+import numpy as np
+
+import disttrain as dt
+import harness
+from disttrain import nn
+from disttrain.data import DataLoader, TensorDataset
+from disttrain.nn import functional as F
+from disttrain.parallel import DataParallel
+
+
+def make_data(n, features, seed):
+    """y = x @ w + b + noise with fixed true weights; the same on every worker."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, features)).astype(np.float32)
+    w = rng.standard_normal((features, 1)).astype(np.float32)
+    y = x @ w + 0.5 + 0.1 * rng.standard_normal((n, 1)).astype(np.float32)
+    return x, y
+
+
+def closed_form(x, y):
+    """Least-squares weights and bias, solved in float64."""
+    design = np.hstack([x, np.ones((len(x), 1))]).astype(np.float64)
+    solution, *_ = np.linalg.lstsq(design, y.astype(np.float64), rcond=None)
+    return solution[:-1].T, solution[-1]
+
+
+def main(argv=None):
+    p = harness.parser(__doc__, epochs=5, batch_size=64, lr=0.05)
+    p.add_argument("--samples", type=int, default=8192)
+    p.add_argument("--features", type=int, default=16)
+    args = p.parse_args(argv)
+    harness.prepare(args)
+    x, y = make_data(args.samples, args.features, args.seed)
+    n_train = int(0.9 * len(x))
+
+    model = nn.Linear(args.features, 1)
+    optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+        loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
+                            shuffle=True, drop_last=True, seed=args.seed,
+                            num_shards=trainer.num_workers, shard_index=trainer.rank)
+        first = harness.load_checkpoint(args, model, optimizer)
+        last = harness.total_steps(loader, args)
+        progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
+        losses, start = [], time.perf_counter()
+        for step, (xb, yb) in harness.batches(loader, first, last):
+            loss = F.mse_loss(model(dt.tensor(xb)), dt.tensor(yb))
+            trainer.zero_grad()
+            loss.backward()
+            trainer.step()
+            losses.append(loss.item())
+            progress.update(step + 1, len(xb), loss=np.mean(losses[-20:]))
+        progress.close()
+        wall = time.perf_counter() - start
+        harness.save_checkpoint(args, model, optimizer, None, last, trainer)
+
+        w_exact, b_exact = closed_form(x[:n_train], y[:n_train])
+        with dt.no_grad():
+            test_mse = float(F.mse_loss(model(dt.tensor(x[n_train:])), dt.tensor(y[n_train:])).item())
+        exact_mse = float(np.mean((x[n_train:] @ w_exact.T + b_exact - y[n_train:]) ** 2))
+        gap = max(float(np.abs(model.weight.numpy() - w_exact).max()),
+                  float(np.abs(model.bias.numpy() - b_exact).max()))
+        harness.summary(args, trainer, "linreg",
+                        train_loss=float(np.mean(losses[-20:])) if losses else None,
+                        test_accuracy=None, test_mse=test_mse, closed_form_test_mse=exact_mse,
+                        closed_form_max_abs_gap=gap,
+                        samples_per_s=(last - first) * args.batch_size * trainer.num_workers / wall,
+                        wall_s=round(wall, 2), steps=last - first)
+
+
+if __name__ == "__main__":
+    main()
