@@ -14,6 +14,10 @@ from launch.output import LinePrefixer, prefix_for
 
 STOP_GRACE_S = 5.0      # SIGTERM, then SIGKILL this much later
 DRAIN_DEADLINE_S = 2.0  # output still buffered in pipes after the last exit
+# The scheduler and servers exit by themselves once every worker has said goodbye; a
+# SIGTERM in the middle of that (Python has already reset its handlers while it shuts
+# down) would end them by the signal. So they get this long before we send it.
+SELF_EXIT_WAIT_S = 2.0
 POLL_S = 0.05
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -129,6 +133,7 @@ class Job:
         self.exit_code = 0
         self.stopping = False
         self.kill_at = None
+        self.stop_at = None  # when to stop scheduler and servers once all workers are done
         self.signal_received = None
         self.started_at = None
 
@@ -204,7 +209,10 @@ class Job:
                 self.exit_code = exit_code_for(code)
         workers = [child for child in self.children if child.process.role == "worker"]
         if not self.stopping and all(child.returncode == 0 for child in workers):
-            self._stop_all()
+            if self.stop_at is None:
+                self.stop_at = time.monotonic() + SELF_EXIT_WAIT_S
+            elif time.monotonic() >= self.stop_at:
+                self._stop_all()
 
     @staticmethod
     def _stopped_as_asked(child, code):
