@@ -27,6 +27,7 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
 
@@ -70,9 +71,29 @@ class Progress:
             print(file=sys.stderr, flush=True)
 
 
+def planned_steps(loader, args):
+    """Steps in --epochs: what learning-rate schedules span, whatever --max-steps stops at."""
+    return math.ceil(args.epochs * len(loader))
+
+
 def total_steps(loader, args):
-    steps = math.ceil(args.epochs * len(loader))
+    steps = planned_steps(loader, args)
     return min(steps, args.max_steps) if args.max_steps else steps
+
+
+class LossLog:
+    """--loss-log: one 'step loss' line per step from rank 0, flushed as it goes."""
+
+    def __init__(self, args, trainer):
+        self.file = open(args.loss_log, "a") if args.loss_log and trainer.rank == 0 else None
+
+    def write(self, step, loss):
+        if self.file:
+            self.file.write(f"{step} {loss!r}\n")
+
+    def close(self):
+        if self.file:
+            self.file.close()
 
 
 def checkpoint_path(args):

@@ -72,10 +72,10 @@ def main(argv=None):
                             shard_index=trainer.rank)
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
-        schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=last)
+        schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
         first = harness.load_checkpoint(args, model, optimizer, schedule)
         progress = harness.Progress(last, f"{args.model} rank {trainer.rank}", not args.no_progress)
-        losses, start = [], time.perf_counter()
+        losses, loss_log, start = [], harness.LossLog(args, trainer), time.perf_counter()
         for step, (x, y) in harness.batches(loader, first, last):
             loss = F.cross_entropy(model(dt.tensor(x)), y)
             trainer.zero_grad()
@@ -83,10 +83,12 @@ def main(argv=None):
             trainer.step()
             schedule.step()
             losses.append(loss.item())
+            loss_log.write(step + 1, losses[-1])
             progress.update(step + 1, len(x), loss=np.mean(losses[-50:]))
             if (step + 1) % len(loader) == 0 or step + 1 == last:
                 harness.save_checkpoint(args, model, optimizer, schedule, step + 1, trainer)
         progress.close()
+        loss_log.close()
         wall = time.perf_counter() - start
         trained = (last - first) * args.batch_size * trainer.num_workers
         harness.summary(args, trainer, args.model,
