@@ -12,6 +12,24 @@ def _pair(value):
     return (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
 
 
+def _padding(padding, kernel_size, stride, dilation):
+    """Padding as a pair of ints; 'valid' is none, 'same' keeps H and W (stride 1 only, and only
+    where the padding splits evenly: ops.conv2d pads both sides alike)."""
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        if stride != (1, 1):
+            raise ValueError(f"Conv2d: padding='same' needs stride 1, got stride {stride}")
+        totals = [d * (k - 1) for k, d in zip(kernel_size, dilation)]
+        if any(total % 2 for total in totals):
+            raise ValueError(f"Conv2d: padding='same' with kernel_size {kernel_size} and dilation "
+                             f"{dilation} needs uneven padding, which is not supported")
+        return tuple(total // 2 for total in totals)
+    if isinstance(padding, str):
+        raise ValueError(f"Conv2d: padding must be 'valid', 'same', an int or a pair, got {padding!r}")
+    return _pair(padding)
+
+
 class Conv2d(Module):
     """Cross-correlation of (N, C_in, H, W) with weight (C_out, C_in / groups, kh, kw).
 
@@ -27,7 +45,8 @@ class Conv2d(Module):
                              f"must both be divisible by groups ({groups})")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
-        self.padding, self.dilation, self.groups = _pair(padding), _pair(dilation), groups
+        self.dilation, self.groups = _pair(dilation), groups
+        self.padding = _padding(padding, self.kernel_size, self.stride, self.dilation)
         self.weight = Parameter(np.zeros((out_channels, in_channels // groups) + self.kernel_size, np.float32))
         if bias:
             self.bias = Parameter(np.zeros(out_channels, np.float32))

@@ -135,6 +135,8 @@ def test_attention_dropout_drops_weights_in_training_only():
 def test_attention_errors():
     with pytest.raises(ValueError, match="embed_dim 10 is not divisible by num_heads 3"):
         nn.MultiheadAttention(10, 3)
+    with pytest.raises(NotImplementedError, match="kdim/vdim"):
+        nn.MultiheadAttention(4, 2, kdim=3)
     module = nn.MultiheadAttention(4, 2)
     x = dt.randn(3, 2, 4)
     with pytest.raises(ValueError, match=r"attn_mask of shape \(2, 2\)"):

@@ -62,6 +62,16 @@ def test_conv2d_output_shape_with_stride_padding_dilation():
     assert dilated(dt.randn(1, 2, 10, 10)).shape == (1, 4, 6, 8)
 
 
+def test_conv2d_padding_names():
+    assert nn.Conv2d(2, 3, kernel_size=(3, 5), padding="same")(dt.randn(1, 2, 7, 6)).shape == (1, 3, 7, 6)
+    assert nn.Conv2d(2, 3, kernel_size=3, padding="same", dilation=2).padding == (2, 2)
+    assert nn.Conv2d(2, 3, kernel_size=3, padding="valid")(dt.randn(1, 2, 7, 6)).shape == (1, 3, 5, 4)
+    with pytest.raises(ValueError, match="needs uneven padding"):
+        nn.Conv2d(2, 3, kernel_size=2, padding="same")
+    with pytest.raises(ValueError, match="needs stride 1"):
+        nn.Conv2d(2, 3, kernel_size=3, stride=2, padding="same")
+
+
 @pytest.mark.parametrize("kwargs", [dict(), dict(stride=2, padding=1), dict(groups=2, bias=False)],
                          ids=["plain", "stride-padding", "groups"])
 def test_conv2d_gradients(kwargs):
