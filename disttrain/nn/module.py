@@ -161,16 +161,21 @@ class Module:
         return self
 
     # --- state ----------------------------------------------------------------------------
-    def state_dict(self):
-        """name -> numpy array copy of every parameter and buffer (module by module, in order)."""
-        state = OrderedDict()
+    def _state_tensors(self):
+        """name -> tensor for every parameter and buffer: module by module, parameters first."""
+        tensors = OrderedDict()
         for prefix, module in self.named_modules():
             dot = prefix + "." if prefix else ""
             for registry in (module._parameters, module._buffers):
                 for name, value in registry.items():
                     if value is not None:
-                        state[dot + name] = backend.to_numpy(value.data).copy()
-        return state
+                        tensors[dot + name] = value
+        return tensors
+
+    def state_dict(self):
+        """name -> numpy array copy of every parameter and buffer (module by module, in order)."""
+        return OrderedDict((name, backend.to_numpy(value.data).copy())
+                           for name, value in self._state_tensors().items())
 
     def load_state_dict(self, state_dict, strict=True):
         """Copy arrays into the parameters and buffers named by ``state_dict`` (in place).
@@ -179,13 +184,7 @@ class Module:
         KeyError listing them all. A shape mismatch always raises a ValueError naming the key.
         Returns ``(missing_keys, unexpected_keys)``.
         """
-        own = OrderedDict()
-        for prefix, module in self.named_modules():
-            dot = prefix + "." if prefix else ""
-            for registry in (module._parameters, module._buffers):
-                for name, value in registry.items():
-                    if value is not None:
-                        own[dot + name] = value
+        own = self._state_tensors()
         missing = [key for key in own if key not in state_dict]
         unexpected = [key for key in state_dict if key not in own]
         if strict and (missing or unexpected):
