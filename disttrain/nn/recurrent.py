@@ -139,7 +139,7 @@ def gru_sequence(gates_x, h0, weight_hh, bias_hh=None, reverse=False):
     hs = xp.empty((steps + 1, batch, hidden), dtype)
     hs[0] = h0.data
     for k, t in enumerate(times):
-        gh = hs[k] @ weight_t
+        gh = xp.matmul(hs[k], weight_t)
         gh += bias
         gx = gates_x.data[t]
         a = rz[k]

@@ -127,6 +127,22 @@ def test_missing_initial_state_means_zeros():
 
 
 @pytest.mark.parametrize("name", LAYERS)
+def test_forward_makes_one_matmul_per_step_plus_one_for_the_whole_input(name, monkeypatch):
+    module = LAYERS[name](3, 4)
+    x = dt.randn(7, 2, 3)
+    calls = []
+    original = np.matmul
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(np, "matmul", counting)
+    module(x)
+    assert calls[0] == (7 * 2, 3)  # the input projection of all 7 steps at once
+    assert calls[1:] == [(2, 4)] * 7  # then h @ weight_hh.T once per step, all gates together
+
+
+@pytest.mark.parametrize("name", LAYERS)
 def test_parameter_names_and_shapes_are_pytorchs(name):
     module = LAYERS[name](3, 4, num_layers=2, bidirectional=True)
     gates = {"RNN": 1, "LSTM": 4, "GRU": 3}[name] * 4
