@@ -335,6 +335,8 @@ class RNNBase(Module):
         elif self.batch_first:
             input = input.transpose(1, 0, 2)
         steps, batch, features = input.shape
+        if steps == 0:
+            raise ValueError(f"{name}: the input sequence is empty (shape {input.shape})")
         if features != self.input_size:
             raise ValueError(f"{name}: input has {features} features, the layer expects "
                              f"input_size={self.input_size}")

@@ -251,6 +251,8 @@ def test_errors_name_the_problem():
         nn.GRU(3, 4)(dt.randn(2, 1, 3), dt.zeros(2, 1, 4))
     with pytest.raises(ValueError, match="expected a 2-D \\(unbatched\\) or 3-D input"):
         module(dt.randn(3))
+    with pytest.raises(ValueError, match="the input sequence is empty"):
+        module(dt.zeros(0, 2, 3))
     with pytest.raises(ValueError, match="nonlinearity must be 'tanh' or 'relu'"):
         nn.RNN(3, 4, nonlinearity="sigmoid")
 
