@@ -303,3 +303,19 @@ def test_float32_lstm_matches_torch_on_the_char_model_shape():
     assert out_d.dtype == np.float32 and ours.weight_hh_l0.grad.dtype == np.float32
     np.testing.assert_allclose(out_d.data, out_t.detach().numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(ours.weight_hh_l0.grad, theirs.weight_hh_l0.grad.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_gradient_ready_hooks_fire_once_per_parameter_with_the_final_gradient():
+    # The parameter-server client pushes each gradient from this hook, so it must see the
+    # complete gradient of every LSTM weight, exactly once per backward pass.
+    module = nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    seen = {}
+    for name, parameter in module.named_parameters():
+        parameter.register_post_accumulate_grad_hook(
+            lambda p, name=name: seen.setdefault(name, []).append(p.grad.copy()))
+    output, _ = module(dt.randn(5, 2, 3, rng=np.random.default_rng(3)))
+    (output * output).sum().backward()
+    assert sorted(seen) == sorted(name for name, _ in module.named_parameters())
+    for name, parameter in module.named_parameters():
+        assert len(seen[name]) == 1, name
+        np.testing.assert_array_equal(seen[name][0], parameter.grad, err_msg=name)
