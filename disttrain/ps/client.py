@@ -4,10 +4,11 @@ every call has a non-blocking form returning a `Handle`."""
 import itertools
 
 import numpy as np
+import zmq
 
 from disttrain.ps import protocol, transport
 from disttrain.ps.protocol import Message, Payload
-from disttrain.ps.server import chunk_layout
+from disttrain.ps.server import MAX_CHUNK_BYTES, chunk_layout
 
 
 class PSError(RuntimeError):
@@ -67,6 +68,7 @@ class KVStore:
         self.handles = {}      # request id -> Handle
         self._ids = itertools.count(1)
         self._poller = None
+        self.sender = f"worker-{rank}"
 
     # --- keys -------------------------------------------------------------------
     def declare(self, name, shape, dtype, sparse=False):
@@ -82,33 +84,45 @@ class KVStore:
         return self.specs[name]
 
     # --- sending ----------------------------------------------------------------
-    def _send(self, op, what, per_server, meta, on_reply=None):
-        """per_server: {server: (keys, payloads)}; one request per server, all sent before
-        any reply is awaited so the servers work concurrently."""
-        requests = []
+    # Requests are built as entries (key name, chunk, payloads, bytes), one per chunk,
+    # grouped by server and packed into messages of about MAX_CHUNK_BYTES: small keys share
+    # a message, a big key travels chunk by chunk so servers work while the rest arrives.
+    def _send(self, op, what, entries, meta, on_reply=None):
         handle = Handle(self, what, [], on_reply)
-        for server, (keys, payloads) in sorted(per_server.items()):
-            request_id = next(self._ids)
-            requests.append(request_id)
-            handle.outstanding.add(request_id)
-            self.handles[request_id] = handle
-            self.connections[server].send(Message(op, request_id, f"worker-{self.rank}",
-                                                  keys, payloads, meta))
+        by_server = {}
+        for entry in entries:
+            by_server.setdefault(entry[1].server, []).append(entry)
+        for server, server_entries in sorted(by_server.items()):
+            for group in _pack(server_entries):
+                request_id = next(self._ids)
+                handle.outstanding.add(request_id)
+                self.handles[request_id] = handle
+                payloads = [Payload(index, kind, start, array)
+                            for index, (_, _, pieces, _) in enumerate(group)
+                            for kind, start, array in pieces]
+                message_meta = dict(meta, chunks=[chunk.index for _, chunk, _, _ in group])
+                self.connections[server].send(Message(
+                    op, request_id, self.sender, [name for name, _, _, _ in group], payloads,
+                    message_meta))
         return handle
 
-    def _dense_payloads(self, name, array, per_server, with_chunk=None):
+    def _dense_entries(self, name, array, entries):
         shape, dtype, _, chunks = self._spec(name)
         if array.shape != shape:
             raise ValueError(f"key {name!r}: array of shape {array.shape}, declared {shape}")
         flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
         for chunk in chunks:
-            keys, payloads = per_server.setdefault(chunk.server, ([], []))
-            index = len(keys)
-            keys.append(name)
-            for offset, piece in protocol.split_frames(flat[chunk.start:chunk.stop]):
-                payloads.append(Payload(index, "dense", chunk.start + offset, piece))
+            pieces = [("dense", chunk.start + offset, piece)
+                      for offset, piece in protocol.split_frames(flat[chunk.start:chunk.stop])]
+            entries.append((name, chunk, pieces, (chunk.stop - chunk.start) * dtype.itemsize))
 
-    def _row_payloads(self, name, rows, values, per_server):
+    def _empty_entries(self, name, entries):
+        """A chunk named with no payload: a dense pull, or a push with no gradient."""
+        _, dtype, _, chunks = self._spec(name)
+        for chunk in chunks:
+            entries.append((name, chunk, [], (chunk.stop - chunk.start) * dtype.itemsize))
+
+    def _row_entries(self, name, rows, values, entries):
         """Split sorted global rows (and their values, if any) by the chunk owning them."""
         shape, dtype, _, chunks = self._spec(name)
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -120,27 +134,28 @@ class KVStore:
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
         rows_per_frame = max(1, protocol.FRAME_BYTES // row_bytes)
         for chunk, lo, hi in zip(chunks, bounds[:-1], bounds[1:]):
-            keys, payloads = per_server.setdefault(chunk.server, ([], []))
-            index = len(keys)
-            keys.append(name)
+            if lo == hi:
+                if values is not None:   # a push still tells this chunk "nothing this clock"
+                    entries.append((name, chunk, [], 0))
+                continue
+            pieces = []
             for s in range(lo, hi, rows_per_frame):
                 e = min(hi, s + rows_per_frame)
-                payloads.append(Payload(index, "rows", s - lo, rows[s:e]))
+                pieces.append(("rows", s - lo, rows[s:e]))
                 if values is not None:
-                    payloads.append(Payload(index, "values", s - lo, values[s:e]))
+                    pieces.append(("values", s - lo, values[s:e]))
+            entries.append((name, chunk, pieces, (hi - lo) * row_bytes))
 
-    def _grad_payloads(self, grads):
-        per_server = {}
+    def _grad_entries(self, grads):
+        entries = []
         for name, grad in grads.items():
             if grad is None:   # an empty push: "no gradient this clock" still counts
-                for chunk in self._spec(name)[3]:
-                    keys, _ = per_server.setdefault(chunk.server, ([], []))
-                    keys.append(name)
+                self._empty_entries(name, entries)
             elif hasattr(grad, "indices"):   # RowSparseGrad
-                self._row_payloads(name, grad.indices, grad.values, per_server)
+                self._row_entries(name, grad.indices, grad.values, entries)
             else:
-                self._dense_payloads(name, np.asarray(grad), per_server)
-        return per_server
+                self._dense_entries(name, np.asarray(grad), entries)
+        return entries
 
     def _pull_into(self, outs):
         """A reply callback writing each dense / row payload into the caller's arrays."""
@@ -158,46 +173,42 @@ class KVStore:
 
     # --- the API ----------------------------------------------------------------
     def init_async(self, arrays, optimizer, mode="sync", staleness=0):
-        per_server = {}
+        entries = []
         for name, array in arrays.items():
-            self._dense_payloads(name, np.asarray(array), per_server)
+            self._dense_entries(name, np.asarray(array), entries)
         handles = []
-        for server, (keys, payloads) in per_server.items():
-            specs = [{"shape": list(self.specs[k][0]), "dtype": self.specs[k][1].name,
-                      "sparse": self.specs[k][2]} for k in keys]
+        for entry in entries:   # one message per chunk: each carries its key's spec
+            shape, dtype, sparse, _ = self.specs[entry[0]]
             meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
-                    "specs": specs}
-            handles.append(self._send("init", "init", {server: (keys, payloads)}, meta))
+                    "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse}]}
+            handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
     def push_async(self, grads, clock, lr):
         """grads: {name: ndarray | RowSparseGrad | None}; None says 'no gradient this clock'."""
         meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
-        return self._send("push", f"push of clock {clock}", self._grad_payloads(grads), meta)
+        return self._send("push", f"push of clock {clock}", self._grad_entries(grads), meta)
 
     def pull_async(self, outs, clock, rows=None):
         """outs: {name: array} written in place; rows: {name: sorted unique row indices}
         pulls only those rows of a key. `clock` is this worker's clock: in sync mode the
         reply waits until every worker's pushes of earlier clocks were applied."""
         rows = rows or {}
-        per_server = {}
+        entries = []
         for name in outs:
             if name in rows:
-                self._row_payloads(name, rows[name], None, per_server)
+                self._row_entries(name, rows[name], None, entries)
             else:
-                for chunk in self._spec(name)[3]:
-                    per_server.setdefault(chunk.server, ([], []))[0].append(name)
+                self._empty_entries(name, entries)
         meta = {"clock": int(clock), "rank": self.rank}
-        return self._send("pull", f"pull at clock {clock}", per_server, meta,
-                          self._pull_into(outs))
+        return self._send("pull", f"pull at clock {clock}", entries, meta, self._pull_into(outs))
 
     def pushpull_async(self, grads, outs, clock, lr):
         """Push the gradients of clock `clock` and pull the weights of clock + 1 in one
         round trip (dense keys only; grads and outs name the same keys)."""
-        per_server = self._grad_payloads(grads)
         meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
-        return self._send("pushpull", f"pushpull of clock {clock}", per_server, meta,
-                          self._pull_into(outs))
+        return self._send("pushpull", f"pushpull of clock {clock}", self._grad_entries(grads),
+                          meta, self._pull_into(outs))
 
     def init(self, arrays, optimizer, mode="sync", staleness=0):
         self.init_async(arrays, optimizer, mode, staleness).wait()
@@ -216,18 +227,14 @@ class KVStore:
         """Receive whatever replies have arrived (waiting up to timeout_ms for the first)
         and hand each to its Handle."""
         if self._poller is None:
-            import zmq
             self._poller = zmq.Poller()
             for connection in self.connections:
                 self._poller.register(connection.socket, zmq.POLLIN)
         ready = dict(self._poller.poll(timeout_ms))
         for connection in self.connections:
-            if connection.socket not in ready:
-                continue
-            while True:
-                reply = connection.receive(0)
-                if reply is None:
-                    break
+            # One message per ready socket and call: the caller loops until its handle is done.
+            reply = connection.receive_nowait() if connection.socket in ready else None
+            if reply is not None:
                 handle = self.handles.pop(reply.id, None)
                 if handle is not None:
                     handle._answer(reply)
@@ -235,6 +242,19 @@ class KVStore:
     def close(self):
         for connection in self.connections:
             connection.close()
+
+
+def _pack(entries):
+    """Group a server's entries into messages of about MAX_CHUNK_BYTES each, in order."""
+    group, size = [], 0
+    for entry in entries:
+        if group and size + entry[3] > MAX_CHUNK_BYTES:
+            yield group
+            group, size = [], 0
+        group.append(entry)
+        size += entry[3]
+    if group:
+        yield group
 
 
 class _Group:

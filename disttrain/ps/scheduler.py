@@ -151,15 +151,15 @@ class Scheduler:
         """Serve until every worker said goodbye (exit 0) or a peer died (exit 1)."""
         try:
             while True:
-                if self.listener.socket.poll(100):
-                    try:
-                        identity, message = self.listener.receive()
-                    except protocol.ProtocolError as error:
-                        _say(f"scheduler: rejected message: {error}")
-                        self.listener.send(error.identity, protocol.error_reply(
-                            error.request_id, "scheduler", str(error)))
-                        continue
-                    self.handle(identity, message)
+                try:
+                    received = self.listener.receive(100)
+                except protocol.ProtocolError as error:
+                    _say(f"scheduler: rejected message: {error}")
+                    self.listener.send(error.identity, protocol.error_reply(
+                        error.request_id, "scheduler", str(error)))
+                    continue
+                if received is not None:
+                    self.handle(*received)
                 if self.book is None and time.monotonic() - self.started > self.timeout:
                     _say(f"scheduler: only {len(self.nodes)} of {sum(self.size.values())} "
                          f"processes registered within {self.timeout:g} s")

@@ -15,7 +15,7 @@ KEY_SHAPE = (300, 5)
 
 def header(**fields):
     base = {"v": protocol.VERSION, "op": "push", "id": 1, "sender": "fuzz", "keys": ["w"],
-            "payloads": [], "meta": {"clock": 0, "lr": 0.1, "rank": 0}}
+            "payloads": [], "meta": {"clock": 0, "lr": 0.1, "rank": 0, "chunks": [0]}}
     base.update(fields)
     return msgpack.packb(base)
 
@@ -45,7 +45,7 @@ def malformed(rng, request_id):
     if kind == 7:    # push of a key nobody initialized, or a clock from the future
         if rng.random() < 0.5:
             return [header(id=request_id, keys=["ghost"], payloads=[descriptor()]), good]
-        return [header(id=request_id, meta={"clock": 99, "lr": 0.1, "rank": 0},
+        return [header(id=request_id, meta={"clock": 99, "lr": 0.1, "rank": 0, "chunks": [0]},
                        payloads=[descriptor()]), good]
     # slice outside the server's chunk
     return [header(id=request_id, payloads=[descriptor(start=10 ** 6)]), good]

@@ -6,28 +6,34 @@ import pytest
 from disttrain.optim import rules
 from disttrain.ps import protocol
 from disttrain.ps.protocol import Message, Payload
-from disttrain.ps.server import MIN_SPLIT_BYTES, ServerState, chunk_layout
+from disttrain.ps.server import MAX_CHUNK_BYTES, MIN_SPLIT_BYTES, ServerState, chunk_layout
 
 SGD = {"name": "sgd", "hyper": {"lr": 0.5}}
 
 
-@pytest.mark.parametrize("shape", [(1000, 37), (5,), (), (3, 100000), (7, 2, 3), (1 << 18,)])
+@pytest.mark.parametrize("shape", [(1000, 37), (5,), (), (3, 100000), (7, 2, 3), (1 << 18,),
+                                   (5 << 20,), (2000, 1000)])
 @pytest.mark.parametrize("servers", [1, 2, 3])
-def test_chunks_tile_every_key_contiguously(shape, servers):
+def test_chunks_tile_every_key_contiguously_across_all_servers(shape, servers):
     chunks = chunk_layout("k", shape, np.float32, servers)
     rows = shape[0] if shape else 1
     assert chunks[0].row_start == 0 and chunks[-1].row_stop == rows
     assert all(a.row_stop == b.row_start for a, b in zip(chunks, chunks[1:]))
-    assert len({c.server for c in chunks}) == len(chunks)
+    assert [c.index for c in chunks] == list(range(len(chunks)))
     nbytes = int(np.prod(shape)) * 4
-    assert len(chunks) == (1 if nbytes < MIN_SPLIT_BYTES else min(servers, rows))
+    if nbytes < MIN_SPLIT_BYTES:
+        assert len(chunks) == 1
+        return
+    assert len({c.server for c in chunks}) == min(servers, rows)   # every server gets some
+    row_bytes = nbytes // rows
+    assert all((c.row_stop - c.row_start - 1) * row_bytes < MAX_CHUNK_BYTES for c in chunks)
 
 
 def init_message(name, array, chunk, mode="sync", staleness=0, sparse=False):
     flat = array.reshape(-1)[chunk.start:chunk.stop]
     payloads = [Payload(0, "dense", chunk.start + o, p) for o, p in protocol.split_frames(flat)]
     return Message("init", 1, "worker-0", [name], payloads,
-                   {"optimizer": SGD, "mode": mode, "staleness": staleness,
+                   {"optimizer": SGD, "mode": mode, "staleness": staleness, "chunks": [0],
                     "specs": [{"shape": list(array.shape), "dtype": array.dtype.name,
                                "sparse": sparse}]})
 
@@ -35,13 +41,13 @@ def init_message(name, array, chunk, mode="sync", staleness=0, sparse=False):
 def push(rank, clock, name, gradient, lr=0.5, request_id=10):
     payloads = [] if gradient is None else [Payload(0, "dense", 0, gradient.reshape(-1))]
     return Message("push", request_id, f"worker-{rank}", [name], payloads,
-                   {"clock": clock, "lr": lr, "rank": rank})
+                   {"clock": clock, "lr": lr, "rank": rank, "chunks": [0]})
 
 
 def pull(rank, clock, name, request_id=20, rows=None):
     payloads = [] if rows is None else [Payload(0, "rows", 0, np.asarray(rows, np.int64))]
     return Message("pull", request_id, f"worker-{rank}", [name], payloads,
-                   {"clock": clock, "rank": rank})
+                   {"clock": clock, "rank": rank, "chunks": [0]})
 
 
 def make_server(mode="sync", staleness=0, workers=2, value=None, sparse=False):
@@ -101,18 +107,18 @@ def test_sparse_rows_update_lazily_like_the_local_optimizer():
     rows, values = np.array([1, 3], np.int64), np.ones((2, 4), np.float32)
     message = Message("push", 3, "worker-0", ["w"],
                       [Payload(0, "rows", 0, rows), Payload(0, "values", 0, values)],
-                      {"clock": 0, "lr": 0.5, "rank": 0})
+                      {"clock": 0, "lr": 0.5, "rank": 0, "chunks": [0]})
     assert state.handle("w0", message)[0][1].op == "reply"
     expected, local_state = table.copy(), {}
     rules.apply_rows(rules.sgd, expected, rows, values, local_state, lr=0.5)
     [(_, reply)] = state.handle("w0", pull(0, 1, "w", rows=[0, 1, 3]))
     assert [p.kind for p in reply.payloads] == ["rows", "values"]
     np.testing.assert_array_equal(reply.payloads[1].array, expected[[0, 1, 3]])
-    np.testing.assert_array_equal(state.keys["w"].state["step"], [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(state.keys["w", 0].state["step"], [0, 1, 0, 1, 0])
 
 
 @pytest.mark.parametrize("message, reason", [
-    (push(0, 0, "nope", np.ones(6, np.float32)), "unknown key 'nope'"),
+    (push(0, 0, "nope", np.ones(6, np.float32)), "unknown key 'nope' chunk 0"),
     (push(0, 0, "w", np.ones(6, np.float64)), "is float32, payload is float64"),
     (push(0, 0, "w", np.ones(5, np.float32)), "cover elements 0..5"),
     (push(0, 4, "w", np.ones(6, np.float32)), "sent clock 4 for key 'w', expected clock 0"),
@@ -126,8 +132,8 @@ def test_invalid_requests_get_an_error_naming_the_problem_and_change_nothing(mes
     [(route, reply)] = state.handle("w0", message)
     assert reply.op == "error" and reason in reply.meta["error"], reply.meta
     assert reply.id == message.id
-    np.testing.assert_array_equal(state.keys["w"].param.reshape(-1), np.arange(6))
-    assert state.keys["w"].pushes == [0, 0]
+    np.testing.assert_array_equal(state.keys["w", 0].param.reshape(-1), np.arange(6))
+    assert state.keys["w", 0].pushes == [0, 0]
 
 
 def test_a_second_init_of_a_key_is_refused():
