@@ -28,8 +28,13 @@ class LinePrefixer:
             self.partial = b""
 
     def _write(self, lines):
-        self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))
-        self.sink.flush()
+        if self.sink is not None:
+            try:
+                self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))
+                self.sink.flush()
+            except BrokenPipeError:
+                # Our reader (`| head`) went away: the job goes on, the log file still gets it.
+                self.sink = None
         if self.log_file is not None:
             self.log_file.write(b"".join(line + b"\n" for line in lines))
             self.log_file.flush()

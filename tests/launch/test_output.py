@@ -30,3 +30,19 @@ def test_close_without_a_partial_line_writes_nothing():
     relay.feed(b"done\n")
     relay.close()
     assert sink.getvalue() == b"[server 0] done\n"
+
+
+class ClosedPipe:
+    def write(self, data):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self):
+        pass
+
+
+def test_a_reader_that_went_away_stops_the_terminal_copy_but_not_the_log():
+    log = io.BytesIO()
+    relay = LinePrefixer(prefix_for("worker 0"), ClosedPipe(), log)
+    relay.feed(b"one\n")
+    relay.feed(b"two\n")
+    assert log.getvalue() == b"one\ntwo\n"
