@@ -135,6 +135,7 @@ class Job:
         self.kill_at = None
         self.stop_at = None  # when to stop scheduler and servers once all workers are done
         self.signal_received = None
+        self.kill_now = False
         self.started_at = None
 
     def run(self):
@@ -184,7 +185,7 @@ class Job:
     def _on_signal(self, signum, frame):
         if self.signal_received is not None:
             # A second Ctrl-C: the user does not want to wait for the grace period.
-            self.kill_at = time.monotonic()
+            self.kill_now = True
         self.signal_received = signum
 
     def _check_signal(self):
@@ -244,6 +245,12 @@ class Job:
                 child.ask_to_stop()
 
     def _check_kill_deadline(self):
+        if self.kill_now:
+            self.kill_now = False
+            self._say("second signal: killing every process now")
+            for child in self.children:
+                if child.running:
+                    child.kill()
         if self.kill_at is not None and time.monotonic() >= self.kill_at:
             for child in self.children:
                 if child.running:

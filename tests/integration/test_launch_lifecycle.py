@@ -147,3 +147,16 @@ def test_missing_worker_program_fails_with_127_and_names_it(launch_run):
     assert "launch: cannot start worker 0 (/nonexistent/program)" in run.stderr
     assert wait_for_no_tagged(tag) == []
 
+
+
+def test_second_ctrl_c_kills_without_waiting_for_the_grace_period(launch_run):
+    tag = new_tag()
+    run = launch_run(launcher_argv("-n", "1", "--grace", "60", command=TOY_WORKER + [
+        "--sleep", "60", "--ignore-sigterm"], tag=tag), tag)
+    assert ignores_sigterm(wait_for_program_pid(tag, "worker", 0, "toy_worker.py"))
+    run.popen.send_signal(signal.SIGINT)
+    time.sleep(0.5)  # the first one has been handled: the worker ignored its SIGTERM
+    run.popen.send_signal(signal.SIGINT)
+    assert run.finish() == 128 + signal.SIGINT  # well before the 60 s grace period
+    assert "launch: second signal: killing every process now" in run.stderr
+    assert wait_for_no_tagged(tag) == []
