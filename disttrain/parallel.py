@@ -75,7 +75,7 @@ class DataParallel:
                 self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                  self.optimizer.config(), self.mode, self.staleness)
             self._membership.barrier("worker")
-            self._pull(list(self._params), whole=True)   # every worker starts from rank 0's
+            self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()
             raise
@@ -101,9 +101,10 @@ class DataParallel:
         original = module.forward
 
         def forward(indices, *args, **kwargs):
-            array = indices.data if hasattr(indices, "data") else indices
-            rows = np.unique(backend.to_numpy(array)).astype(np.int64)
-            self._pull([name], rows={name: rows})
+            if not self._closed:   # after close() the whole table was pulled already
+                array = indices.data if hasattr(indices, "data") else indices
+                rows = np.unique(backend.to_numpy(array)).astype(np.int64)
+                self._pull([name], rows={name: rows})
             return original(indices, *args, **kwargs)
 
         module.forward = forward
@@ -113,13 +114,13 @@ class DataParallel:
 
         def state_dict(*args, **kwargs):
             if self._sparse and not self._closed:
-                self._pull(list(self._sparse), whole=True)
+                self._pull(list(self._sparse))
             return original(*args, **kwargs)
 
         self.model.state_dict = state_dict
 
     # --- moving weights and gradients -------------------------------------------
-    def _pull(self, names, rows=None, whole=False):
+    def _pull(self, names, rows=None):
         """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
         outs = {}
         for name in names:
@@ -171,17 +172,22 @@ class DataParallel:
         self._pull([n for n in self._params if n not in self._sparse])
 
     def close(self):
-        """Say goodbye to the scheduler (the job ends once every worker has)."""
+        """Say goodbye to the scheduler (the job ends once every worker has). Called at
+        exit if the program does not; a program dying of an exception says no goodbye, so
+        the scheduler reports it dead to everyone."""
         if self._closed or not self.is_distributed:
             self._closed = True
             return
-        self._closed = True
         try:
             if not _failed and not self._membership.dead:
                 for handle in self._pending:
                     handle.wait()
+                # Leave the model complete for evaluation or saving after close().
+                if self._sparse:
+                    self._pull(list(self._sparse))
                 self._membership.goodbye()
         finally:
+            self._closed = True
             self._store.close()
             self._membership.close()
 

@@ -174,7 +174,7 @@ class ServerState:
             elif message.op in ("pull", "pushpull"):
                 keys = self._check_pull(message)
                 if message.op == "pushpull":
-                    self._push(message)
+                    self._push(message, keys)
                 self.waiting_pulls.append((route, message, keys))
                 replies = []
             else:
@@ -340,13 +340,13 @@ class ServerState:
             raise RequestError(f"push: key {key.name!r} repeats a row")
         return rows, np.concatenate(values)
 
-    def _push(self, message):
+    def _push(self, message, keys=None):
         self._require_config(message)
         rank = self._worker_rank(message)
         clock, lr = message.meta.get("clock"), message.meta.get("lr")
         if not isinstance(lr, (int, float)) or isinstance(lr, bool):
             raise RequestError(f"push: lr {lr!r} must be a number")
-        keys = self._keys(message)
+        keys = keys or self._keys(message)
         # Check the whole request before changing anything, so a bad push leaves no trace.
         gradients = []
         for index, key in enumerate(keys):

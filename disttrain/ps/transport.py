@@ -114,6 +114,7 @@ class Listener:
     def __init__(self, host, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
                  tcp_port=None, with_ipc=True):
         self.max_message_bytes = max_message_bytes
+        self._timeout_ms = -1
         self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes)
         # A reply to a peer that went away is dropped rather than blocking the server.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -135,7 +136,9 @@ class Listener:
         """(identity, Message) for the next request, or None after timeout_ms. A bad
         message raises ProtocolError carrying the sender's identity and request id."""
         # One blocking receive with a timeout costs less than poll() then recv().
-        self.socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        if timeout_ms != self._timeout_ms:
+            self.socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            self._timeout_ms = timeout_ms
         try:
             frames = self.socket.recv_multipart(copy=False)
         except zmq.Again:
