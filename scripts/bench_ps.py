@@ -195,7 +195,7 @@ def main():
     parser.add_argument("--servers", default="1,2")
     parser.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
     parser.add_argument("--rtt-repeats", type=int, default=2000)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     server_counts = [int(s) for s in args.servers.split(",")]
