@@ -22,26 +22,40 @@ def scheduler_address():
     return host, int(port)
 
 
+class Registry:
+    """How many servers have registered; workers wait until all of them have."""
+
+    def __init__(self, num_servers):
+        self.num_servers = num_servers
+        self.registered = 0
+        self.changed = threading.Condition()
+
+    def add_server(self):
+        with self.changed:
+            self.registered += 1
+            self.changed.notify_all()
+
+    def wait_for_servers(self):
+        with self.changed:
+            return self.changed.wait_for(lambda: self.registered >= self.num_servers,
+                                         timeout=DEADLINE_S)
+
+
 def serve_rendezvous(num_servers):
-    servers_up = threading.Semaphore(0)
+    registry = Registry(num_servers)
     with socket.create_server(scheduler_address()) as listener:
         while True:
             connection, _ = listener.accept()
-            threading.Thread(target=answer, args=(connection, servers_up, num_servers),
-                             daemon=True).start()
+            threading.Thread(target=answer, args=(connection, registry), daemon=True).start()
 
 
-def answer(connection, servers_up, num_servers):
+def answer(connection, registry):
     with connection:
         who = connection.makefile().readline().strip()
         if who == "server":
-            servers_up.release()
-            return
-        for _ in range(num_servers):  # workers wait for every server, then for nobody
-            servers_up.acquire(timeout=DEADLINE_S)
-        for _ in range(num_servers):
-            servers_up.release()
-        connection.sendall(f"hello from {socket.gethostname()} {scheduler_address()[0]}\n".encode())
+            registry.add_server()
+        elif registry.wait_for_servers():
+            connection.sendall(f"hello from {socket.gethostname()} {scheduler_address()[0]}\n".encode())
 
 
 def register_server():
