@@ -1,16 +1,5 @@
 """DataParallel: the one object a worker program wraps its model and optimizer with. Alone it
-trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server.
-
-Distributed, one step is: backward() pushes each gradient from its gradient-ready hook (so
-communication overlaps the rest of backward); step() waits for the pushes and pulls the
-fresh weights into the parameters' arrays in place.
-
-Sparse embeddings (a module with ``sparse=True`` and a ``weight``): pushes carry only the
-rows of the RowSparseGrad; pulls fetch only the rows a batch uses, at the start of that
-module's forward (its indices are known there, and in sync mode the rows are then exactly
-those every other worker's previous step produced). ``model.state_dict()`` first pulls such
-weights whole, so a checkpoint never holds stale rows.
-"""
+trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server."""
 import atexit
 import os
 import sys
@@ -33,6 +22,17 @@ def _note_failure(hook):
 
 class DataParallel:
     """``DataParallel(model, optimizer, mode="sync" | "async" | "ssp", staleness=0)``.
+
+    Distributed, one step is: backward() pushes each gradient from its gradient-ready hook
+    (so communication overlaps the rest of backward); step() waits for the pushes and pulls
+    the fresh weights into the parameters' arrays in place. Rank 0 initialises the servers
+    with its weights and optimizer config; every worker then pulls them, so all start equal.
+
+    Sparse embeddings (a module with ``sparse=True`` and a ``weight``): pushes carry only the
+    rows of the RowSparseGrad; pulls fetch only the rows a batch uses, at the start of that
+    module's forward (its indices are known there, and in sync mode those rows are exactly
+    what every worker's previous step produced). ``model.state_dict()`` and ``close()`` pull
+    such tables whole, so checkpoints and evaluation never see stale rows.
 
     overlap=False pushes every gradient in step() instead of from backward's hooks: needed
     when gradients change between backward() and step() (clipping, accumulation over several

@@ -1,6 +1,5 @@
-"""The worker side of the parameter server (ps-lite's KVWorker): `KVStore` cuts each key
-into the servers' chunks and sends init / push / pull / pushpull to all servers at once;
-every call has a non-blocking form returning a `Handle`."""
+"""The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
+push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
 
 import numpy as np

@@ -1,24 +1,22 @@
 """The one wire format of the parameter server: a msgpack header frame followed by raw
-array frames, and the checks every received message goes through before anyone trusts it.
-
-A message is ``[header, frame_0, frame_1, ...]``. The header is a msgpack map::
-
-    {"v": VERSION, "op": "push", "id": 17, "sender": "worker-0",
-     "keys": ["fc.weight", ...],
-     "payloads": [{"key": 0, "kind": "dense", "dtype": "float32", "shape": [262144], "start": 0}, ...],
-     "meta": {...op-specific small values...}}
-
-``payloads[i]`` describes ``frame_i``: which key it belongs to (an index into ``keys``),
-its dtype and shape, and where it sits in the key. ``kind`` is ``dense`` (a flat slice of
-the key starting at element ``start``), ``rows`` (int64 row indices of a sparse key) or
-``values`` (the rows named by the ``rows`` payload just before it).
-"""
+array frames, and the checks every received message goes through before anyone trusts it."""
 import math
 from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
 
+# A message is [header, frame_0, frame_1, ...]. The header is a msgpack map:
+#
+#     {"v": VERSION, "op": "push", "id": 17, "sender": "worker-0", "keys": ["fc.weight", ...],
+#      "payloads": [{"key": 0, "kind": "dense", "dtype": "float32", "shape": [262144],
+#                    "start": 0}, ...],
+#      "meta": {...op-specific small values: clock, lr, rank, chunks...}}
+#
+# payloads[i] describes frame_i: which key it belongs to (an index into keys), its dtype and
+# shape, and where it sits in the key. kind is "dense" (a flat slice of the key starting at
+# element `start`), "rows" (int64 row indices of a sparse key) or "values" (the rows named
+# by the rows payload just before it).
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.

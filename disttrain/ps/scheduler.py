@@ -1,6 +1,5 @@
-"""Membership (ps-lite's postoffice): the scheduler assigns ranks, hands out the address
-book, runs barriers, watches heartbeats and tells everyone which process died; Membership
-is the node side of all that."""
+"""Membership (ps-lite's postoffice): the Scheduler assigns ranks and addresses, runs
+barriers and heartbeats and names dead processes; Membership is the node side of that."""
 import itertools
 import os
 import sys

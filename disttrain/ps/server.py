@@ -1,6 +1,5 @@
-"""Parameter servers: how keys are cut into chunks across servers, and a server's state
-machine (init, push, pull under sync / async / ssp, optimizer updates). The update logic
-never touches a socket; `serve()` at the bottom wires it to the transport."""
+"""Parameter servers: how keys are cut into chunks, and a server's state machine (sync /
+async / ssp, optimizer updates) that never touches a socket; `serve()` wires it up."""
 import os
 import signal
 import sys
