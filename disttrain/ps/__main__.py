@@ -14,8 +14,12 @@ def _env_int(name):
 
 def main():
     role = os.environ.get("DISTTRAIN_ROLE", "")
-    if "DISTTRAIN_SCHEDULER" not in os.environ:
-        raise SystemExit("disttrain: DISTTRAIN_SCHEDULER (host:port) is not set")
+    address = os.environ.get("DISTTRAIN_SCHEDULER", "")
+    try:
+        transport.split_host_port(address)
+    except ValueError:
+        raise SystemExit(f"disttrain: DISTTRAIN_SCHEDULER={address!r} must be host:port "
+                         f"(the scheduler binds it, everyone else connects to it)") from None
     server.install_sigterm_exit()
     if role == "scheduler":
         try:

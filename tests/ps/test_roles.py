@@ -1,0 +1,52 @@
+"""`python -m disttrain.ps` as the launcher uses it: SIGTERM ends the scheduler and servers
+with exit 0, bad settings end them with a message naming the setting."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.ps.cluster import Cluster
+
+
+@pytest.mark.slow
+def test_sigterm_ends_scheduler_and_servers_with_exit_code_0(tmp_path):
+    with Cluster(tmp_path, num_workers=1, num_servers=2) as cluster:
+        cluster.start_roles()
+        time.sleep(1.0)   # registered (servers) and waiting for the worker that never comes
+        assert all(p.poll() is None for p in cluster.processes.values())
+        for process in cluster.processes.values():
+            process.send_signal(signal.SIGTERM)
+        codes = cluster.wait(15)
+        assert codes == {name: 0 for name in codes}, \
+            {name: cluster.read(name) for name in codes}
+
+
+@pytest.mark.slow
+def test_a_job_run_without_launcher_ends_by_itself_when_workers_say_goodbye(tmp_path):
+    with Cluster(tmp_path, num_workers=2, num_servers=2) as cluster:
+        cluster.start_roles()
+        cluster.start_workers("--steps", 3, "--batch", 4)
+        codes = cluster.wait(60)
+        assert codes == {name: 0 for name in codes}, \
+            {name: cluster.read(name) for name in codes}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"DISTTRAIN_ROLE": "scheduler", "DISTTRAIN_NUM_WORKERS": "two"},
+     "DISTTRAIN_NUM_WORKERS='two' must be a non-negative integer"),
+    ({"DISTTRAIN_ROLE": "worker"}, "DISTTRAIN_ROLE='worker'"),
+    ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_SCHEDULER": ""}, "DISTTRAIN_SCHEDULER='' must be host:port"),
+    ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_TIMEOUT": "soon"}, "DISTTRAIN_TIMEOUT='soon' is not a number"),
+])
+def test_bad_settings_exit_non_zero_naming_the_setting(env, message):
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DISTTRAIN_")}
+    base.update({"DISTTRAIN_SCHEDULER": "127.0.0.1:1", "DISTTRAIN_NUM_WORKERS": "1",
+                 "DISTTRAIN_NUM_SERVERS": "1", "DISTTRAIN_TIMEOUT": "5"})
+    base.update(env)
+    done = subprocess.run([sys.executable, "-m", "disttrain.ps"], env=base, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
