@@ -1,13 +1,12 @@
-"""Runs one program on a remote host for the launcher and stops it, with everything
-it started, when the launcher goes away. Usage (the launcher writes this line):
-`python -m launch.guard [--grace S] [--bind-index K] -- COMMAND...`
+"""Runs one program on a remote host for the launcher, and stops it with everything it
+started when the launcher goes away: `python -m launch.guard [--grace S] [--bind-index K] -- COMMAND...`"""
 
-Why: ssh (and srun) cannot signal a remote process group. The launcher holds this
-guard's stdin open instead; when it closes it (to stop the job) or dies, stdin reaches
-EOF here and the guard sends SIGTERM to its process group, then SIGKILL after the grace
-period. The program stays in the guard's group so that a launcher that *can* signal
-the group locally (`ip netns exec`) reaches it too.
-"""
+# Why: ssh (and srun) cannot signal a remote process group, and a dying ssh client does
+# not end the remote command. The launcher holds this guard's stdin open instead; when it
+# closes it (to stop the job) or dies, stdin reaches EOF here and the guard sends SIGTERM
+# to its process group, then SIGKILL after the grace period. The program stays in the
+# guard's group so that a launcher that *can* signal the group locally
+# (`ip netns exec`) reaches it too.
 
 import argparse
 import os
