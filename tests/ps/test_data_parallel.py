@@ -13,11 +13,22 @@ from tests.ps.cluster import Cluster
 
 def test_local_mode_is_the_plain_optimizer(monkeypatch):
     monkeypatch.delenv("DISTTRAIN_ROLE", raising=False)
-    model = train_program.TinyNet()
-    optimizer = train_program.make_optimizer("sgd", model.parameters())
-    parallel = train_program.DataParallel(model, optimizer)
-    assert (parallel.rank, parallel.num_workers, parallel.is_distributed) == (0, 1, False)
-    parallel.close()
+    wrapped, plain = train_program.TinyNet(), train_program.TinyNet()
+    wrapped_optimizer = train_program.make_optimizer("adam", wrapped.parameters())
+    plain_optimizer = train_program.make_optimizer("adam", plain.parameters())
+    tokens, x, y = train_program.dataset(8)
+    with train_program.DataParallel(wrapped, wrapped_optimizer) as parallel:
+        assert (parallel.rank, parallel.num_workers, parallel.is_distributed) == (0, 1, False)
+        for model, optimizer, step in ((wrapped, wrapped_optimizer, parallel.step),
+                                       (plain, plain_optimizer, plain_optimizer.step)):
+            for _ in range(3):
+                optimizer.zero_grad()
+                error = model(tokens, train_program.dt.tensor(x)) - train_program.dt.tensor(y)
+                (error * error).mean().backward()
+                step()
+    for (name, a), (_, b) in zip(wrapped.state_dict().items(), plain.state_dict().items()):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    assert not np.array_equal(wrapped.state_dict()["w1"], train_program.TinyNet().state_dict()["w1"])
 
 
 @pytest.mark.slow
