@@ -75,7 +75,14 @@ def concurrently(argvs, env):
 def ours_independent(copies, args):
     """The ceiling: `copies` lone mnist.py processes at once, no parameter server."""
     argvs = [[sys.executable, MNIST] + mnist_flags(args)] * copies
-    return sum(last_json(stdout)["samples_per_s"] for stdout in concurrently(argvs, clean_env()))
+    summaries = [last_json(stdout) for stdout in concurrently(argvs, clean_env())]
+    return together([(s["samples_per_s"] * s["wall_s"], s["wall_s"]) for s in summaries])
+
+
+def together(runs):
+    """Throughput of runs (samples, seconds) that started together: all their samples
+    over the longest time, so a run that happened to finish alone does not count twice."""
+    return sum(samples for samples, _ in runs) / max(seconds for _, seconds in runs)
 
 
 def free_port():
@@ -92,9 +99,7 @@ def torch_run(processes, args, ddp):
               "--batch-size", str(args.batch_size), "--lr", str(args.lr)] + ([] if ddp else ["--no-ddp"])
              for rank in range(processes)]
     reports = [last_json(stdout) for stdout in concurrently(argvs, clean_env())]
-    if ddp:  # one job: all samples over the slowest process's time
-        return sum(r["samples"] for r in reports) / max(r["seconds"] for r in reports)
-    return sum(r["samples"] / r["seconds"] for r in reports)
+    return together([(report["samples"], report["seconds"]) for report in reports])
 
 
 def torch_worker(args):
