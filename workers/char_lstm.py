@@ -88,16 +88,19 @@ def main(argv=None):
 
     model = CharLSTM(len(vocab), args.embed_dim, args.hidden_size, args.num_layers)
     optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
+    checkpoint = harness.load_checkpoint(args, model, optimizer)
     # Clipping changes gradients after backward(), so they are pushed in step(), not from hooks.
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness, overlap=False) as trainer:
         # One "epoch" is as many windows as it takes to cover the training text once.
         per_epoch = max(1, len(train_ids) // (args.batch_size * args.seq_len * trainer.num_workers))
         last = int(args.epochs * per_epoch)
         last = min(last, args.max_steps) if args.max_steps else last
-        rng = np.random.default_rng([args.seed, trainer.rank])
+        first = harness.resume(checkpoint)
         progress = harness.Progress(last, f"char_lstm rank {trainer.rank}", not args.no_progress)
         losses, curve, start = [], [], time.perf_counter()
-        for step in range(last):
+        for step in range(first, last):
+            # Windows drawn from (seed, rank, step) alone: a resumed run sees the same data.
+            rng = np.random.default_rng([args.seed, trainer.rank, step])
             x, y = random_windows(train_ids, args.batch_size, args.seq_len, rng)
             logits, _ = model(dt.tensor(x))
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
@@ -111,17 +114,17 @@ def main(argv=None):
                 curve.append((step + 1, round(evaluate(model, val_ids, args.seq_len), 4),
                               round(time.perf_counter() - start, 1)))
                 print(f"step {step + 1} val_loss {curve[-1][1]:.4f} ({curve[-1][2]} s)", file=sys.stderr)
+                harness.save_checkpoint(args, model, optimizer, None, step + 1, trainer)
         progress.close()
         wall = time.perf_counter() - start
-        harness.save_checkpoint(args, model, optimizer, None, last, trainer)
         if trainer.rank == 0:
             print(generate(model, vocab, "ROMEO:", 200, seed=args.seed))
         harness.summary(args, trainer, "char_lstm",
                         train_loss=float(np.mean(losses[-50:])) if losses else None,
                         test_accuracy=None, val_loss=curve[-1][1] if curve else None,
                         val_perplexity=float(np.exp(curve[-1][1])) if curve else None,
-                        val_curve=curve, samples_per_s=last * args.batch_size * trainer.num_workers / wall,
-                        wall_s=round(wall, 2), steps=last)
+                        val_curve=curve, samples_per_s=(last - first) * args.batch_size * trainer.num_workers / wall,
+                        wall_s=round(wall, 2), steps=last - first)
 
 
 if __name__ == "__main__":

@@ -112,17 +112,27 @@ def save_checkpoint(args, model, optimizer, schedule, step, trainer):
     dt.save(state, str(path))
 
 
-def load_checkpoint(args, model, optimizer, schedule=None):
-    """The step to resume from (0 without a checkpoint); loads weights, optimizer and schedule state."""
+def load_checkpoint(args, model, optimizer):
+    """Load weights and optimizer state from --checkpoint-dir if one is there; the state, or None.
+
+    Call it before DataParallel(...): rank 0 then gives the loaded weights to the servers.
+    """
     path = checkpoint_path(args)
     if path is None or not path.exists():
-        return 0
+        return None
     state = dt.load(str(path))
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
+    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
+    return state
+
+
+def resume(state, schedule=None):
+    """The step to go on from (0 for a fresh run), after restoring the schedule's state."""
+    if state is None:
+        return 0
     if schedule is not None and "schedule" in state:
         schedule.load_state_dict(state["schedule"])
-    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
     return int(state["step"])
 
 

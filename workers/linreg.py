@@ -42,13 +42,14 @@ def main(argv=None):
 
     model = nn.Linear(args.features, 1)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    checkpoint = harness.load_checkpoint(args, model, optimizer)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
         loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
                             shuffle=True, drop_last=True, seed=args.seed,
                             num_shards=trainer.num_workers, shard_index=trainer.rank)
         # SGD with a constant rate hovers around the optimum; decaying it lands on the fit.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        first = harness.load_checkpoint(args, model, optimizer, schedule)
+        first = harness.resume(checkpoint, schedule)
         last = harness.total_steps(loader, args)
         progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
         losses, start = [], time.perf_counter()

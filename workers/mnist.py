@@ -66,6 +66,7 @@ def main(argv=None):
         optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     else:
         optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
+    checkpoint = harness.load_checkpoint(args, model, optimizer)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
                             drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
@@ -73,7 +74,7 @@ def main(argv=None):
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        first = harness.load_checkpoint(args, model, optimizer, schedule)
+        first = harness.resume(checkpoint, schedule)
         progress = harness.Progress(last, f"{args.model} rank {trainer.rank}", not args.no_progress)
         losses, loss_log, start = [], harness.LossLog(args, trainer), time.perf_counter()
         for step, (x, y) in harness.batches(loader, first, last):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,3 +76,34 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(flag, value):
     result = subprocess.run([sys.executable, str(ROOT / "workers" / "mnist.py"), flag, value],
                             cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0 and flag in result.stderr
+
+
+@pytest.mark.slow
+def test_distributed_resume_starts_from_the_checkpoint_weights(launch_run, tmp_path):
+    """2 launched workers: 50 steps, checkpoint, 50 more in a new job == 100 unbroken steps.
+
+    Plain SGD keeps no optimizer state on the servers, so the curves agree up to the order in
+    which the server sums the two workers' gradients.
+    """
+    from tests.integration.conftest import PYTHON, new_tag, wait_for_no_tagged
+
+    command = [PYTHON, str(ROOT / "workers" / "mnist.py"), "--no-progress", "--optimizer", "sgd",
+               "--momentum", "0", "--lr", "0.05", "--batch-size", "32", "--limit-train", "6400"]
+
+    def launch(*flags):
+        tag = new_tag()
+        run = launch_run([PYTHON, "-m", "launch", "--env", f"DISTTRAIN_TEST_TAG={tag}", "-n", "2", "-s", "1",
+                          "--", *command, *flags], tag)
+        assert run.finish(240) == 0, run.stderr[-3000:]
+        assert wait_for_no_tagged(tag) == []
+
+    unbroken, resumed, ckpt = tmp_path / "unbroken.txt", tmp_path / "resumed.txt", tmp_path / "ckpt"
+    launch("--max-steps", "100", "--loss-log", str(unbroken))
+    launch("--max-steps", "50", "--checkpoint-dir", str(ckpt), "--loss-log", str(resumed))
+    launch("--max-steps", "100", "--checkpoint-dir", str(ckpt), "--loss-log", str(resumed))
+
+    def curve(path):
+        return np.array([float(line.split()[1]) for line in path.read_text().splitlines()])
+    expected, got = curve(unbroken), curve(resumed)
+    assert len(got) == len(expected) == 100
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
