@@ -78,6 +78,27 @@ def test_bad_flags_exit_with_a_message_naming_the_flag(flag, value):
     assert result.returncode != 0 and flag in result.stderr
 
 
+def launched_summary(launch_run, workers, flags):
+    """Run workers/mnist.py under the launcher with 1 server; rank 0's JSON summary."""
+    from tests.integration.conftest import PYTHON, new_tag, wait_for_no_tagged
+
+    tag = new_tag()
+    run = launch_run([PYTHON, "-m", "launch", "--env", f"DISTTRAIN_TEST_TAG={tag}", "-n", str(workers),
+                      "-s", "1", "--", PYTHON, str(ROOT / "workers" / "mnist.py"), "--no-progress", *flags], tag)
+    assert run.finish(240) == 0, run.stderr[-3000:]
+    assert wait_for_no_tagged(tag) == []
+    lines = [line for line in run.stdout.splitlines() if line.startswith("[worker 0] ")]
+    return json.loads(lines[-1][len("[worker 0] "):])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_training_converge_on_mnist(launch_run, mode):
+    summary = launched_summary(launch_run, 2, ["--mode", mode, "--limit-train", "12800", "--epochs", "1"])
+    assert summary["mode"] == mode and summary["workers"] == 2
+    assert summary["test_accuracy"] > 0.9, summary  # 200 steps of 2 x 32 examples
+
+
 @pytest.mark.slow
 def test_distributed_resume_starts_from_the_checkpoint_weights(launch_run, tmp_path):
     """2 launched workers: 50 steps, checkpoint, 50 more in a new job == 100 unbroken steps.
@@ -85,17 +106,10 @@ def test_distributed_resume_starts_from_the_checkpoint_weights(launch_run, tmp_p
     Plain SGD keeps no optimizer state on the servers, so the curves agree up to the order in
     which the server sums the two workers' gradients.
     """
-    from tests.integration.conftest import PYTHON, new_tag, wait_for_no_tagged
-
-    command = [PYTHON, str(ROOT / "workers" / "mnist.py"), "--no-progress", "--optimizer", "sgd",
-               "--momentum", "0", "--lr", "0.05", "--batch-size", "32", "--limit-train", "6400"]
+    sgd = ["--optimizer", "sgd", "--momentum", "0", "--lr", "0.05", "--batch-size", "32", "--limit-train", "6400"]
 
     def launch(*flags):
-        tag = new_tag()
-        run = launch_run([PYTHON, "-m", "launch", "--env", f"DISTTRAIN_TEST_TAG={tag}", "-n", "2", "-s", "1",
-                          "--", *command, *flags], tag)
-        assert run.finish(240) == 0, run.stderr[-3000:]
-        assert wait_for_no_tagged(tag) == []
+        launched_summary(launch_run, 2, sgd + list(flags))
 
     unbroken, resumed, ckpt = tmp_path / "unbroken.txt", tmp_path / "resumed.txt", tmp_path / "ckpt"
     launch("--max-steps", "100", "--loss-log", str(unbroken))
