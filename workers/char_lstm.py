@@ -36,7 +36,7 @@ def random_windows(ids, batch_size, seq_len, rng):
     return windows[:, :-1], windows[:, 1:]
 
 
-def evaluate(model, val_ids, seq_len, batches=16, batch_size=32):
+def evaluate(model, val_ids, seq_len, args, batches=16, batch_size=32):
     """Mean cross-entropy (nats/char) over fixed validation windows: the same for every run."""
     rng = np.random.default_rng(1234)
     model.eval()
@@ -44,27 +44,27 @@ def evaluate(model, val_ids, seq_len, batches=16, batch_size=32):
     with dt.no_grad():
         for _ in range(batches):
             x, y = random_windows(val_ids, batch_size, seq_len, rng)
-            logits, _ = model(dt.tensor(x))
+            logits, _ = model(harness.on_device(x, args))
             total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).item()
     model.train()
     return total / batches
 
 
-def generate(model, vocab, prompt, length, temperature=0.8, seed=0):
+def generate(model, vocab, prompt, length, args, temperature=0.8, seed=0):
     """Sample ``length`` characters after ``prompt``, one step at a time with carried state."""
     rng = np.random.default_rng(seed)
     model.eval()
     ids = vocab.encode(prompt)
     out = list(prompt)
     with dt.no_grad():
-        logits, state = model(dt.tensor(np.asarray(ids, np.int64)[None]))
+        logits, state = model(harness.on_device(np.asarray(ids, np.int64)[None], args))
         for _ in range(length):
-            last = logits.data[0, -1].astype(np.float64) / temperature
+            last = dt.backend.to_numpy(logits.data[0, -1]).astype(np.float64) / temperature
             p = np.exp(last - last.max())
             p /= p.sum()
             next_id = int(rng.choice(len(p), p=p))
             out.append(vocab.decode([next_id]))
-            logits, state = model(dt.tensor(np.array([[next_id]], np.int64)), state)
+            logits, state = model(harness.on_device(np.array([[next_id]], np.int64), args), state)
     model.train()
     return "".join(out)
 
@@ -86,7 +86,7 @@ def main(argv=None):
     if args.limit_train:
         train_ids = train_ids[:args.limit_train]
 
-    model = CharLSTM(len(vocab), args.embed_dim, args.hidden_size, args.num_layers)
+    model = CharLSTM(len(vocab), args.embed_dim, args.hidden_size, args.num_layers).to(args.device)
     optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
     # Clipping changes gradients after backward(), so they are pushed in step(), not from hooks.
@@ -102,7 +102,7 @@ def main(argv=None):
             # Windows drawn from (seed, rank, step) alone: a resumed run sees the same data.
             rng = np.random.default_rng([args.seed, trainer.rank, step])
             x, y = random_windows(train_ids, args.batch_size, args.seq_len, rng)
-            logits, _ = model(dt.tensor(x))
+            logits, _ = model(harness.on_device(x, args))
             loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
             trainer.zero_grad()
             loss.backward()
@@ -111,14 +111,14 @@ def main(argv=None):
             losses.append(loss.item())
             progress.update(step + 1, args.batch_size, loss=np.mean(losses[-20:]))
             if trainer.rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == last):
-                curve.append((step + 1, round(evaluate(model, val_ids, args.seq_len), 4),
+                curve.append((step + 1, round(evaluate(model, val_ids, args.seq_len, args), 4),
                               round(time.perf_counter() - start, 1)))
                 print(f"step {step + 1} val_loss {curve[-1][1]:.4f} ({curve[-1][2]} s)", file=sys.stderr)
                 harness.save_checkpoint(args, model, optimizer, None, step + 1, trainer)
         progress.close()
         wall = time.perf_counter() - start
         if trainer.rank == 0:
-            print(generate(model, vocab, "ROMEO:", 200, seed=args.seed))
+            print(generate(model, vocab, "ROMEO:", 200, args, seed=args.seed))
         harness.summary(args, trainer, "char_lstm",
                         train_loss=float(np.mean(losses[-50:])) if losses else None,
                         test_accuracy=None, val_loss=curve[-1][1] if curve else None,

@@ -27,6 +27,8 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
+    p.add_argument("--device", default=os.environ.get("DISTTRAIN_DEVICE", "cpu"),
+                   help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
     p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return p
@@ -39,6 +41,8 @@ def prepare(args):
             sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.staleness < 0:
         sys.exit(f"error: --staleness must be >= 0, got {args.staleness}")
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        sys.exit(f"error: --device must be cpu or cuda:N, got {args.device!r}")
     dt.manual_seed(args.seed)
     dt.backend.keep_freed_memory()
 
@@ -69,6 +73,11 @@ class Progress:
     def close(self):
         if self.enabled and self.tty:
             print(file=sys.stderr, flush=True)
+
+
+def on_device(array, args):
+    """A batch array as a Tensor on --device (no copy on the CPU)."""
+    return dt.tensor(array).to(args.device) if args.device != "cpu" else dt.tensor(array)
 
 
 def planned_steps(loader, args):

@@ -40,7 +40,7 @@ def main(argv=None):
     x, y = make_data(args.samples, args.features, args.seed)
     n_train = int(0.9 * len(x))
 
-    model = nn.Linear(args.features, 1)
+    model = nn.Linear(args.features, 1).to(args.device)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
@@ -54,7 +54,7 @@ def main(argv=None):
         progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
         losses, start = [], time.perf_counter()
         for step, (xb, yb) in harness.batches(loader, first, last):
-            loss = F.mse_loss(model(dt.tensor(xb)), dt.tensor(yb))
+            loss = F.mse_loss(model(harness.on_device(xb, args)), harness.on_device(yb, args))
             trainer.zero_grad()
             loss.backward()
             trainer.step()
@@ -67,7 +67,8 @@ def main(argv=None):
 
         w_exact, b_exact = closed_form(x[:n_train], y[:n_train])
         with dt.no_grad():
-            test_mse = float(F.mse_loss(model(dt.tensor(x[n_train:])), dt.tensor(y[n_train:])).item())
+            test_mse = float(F.mse_loss(model(harness.on_device(x[n_train:], args)),
+                                        harness.on_device(y[n_train:], args)).item())
         exact_mse = float(np.mean((x[n_train:] @ w_exact.T + b_exact - y[n_train:]) ** 2))
         gap = max(float(np.abs(model.weight.numpy() - w_exact).max()),
                   float(np.abs(model.bias.numpy() - b_exact).max()))

@@ -34,13 +34,13 @@ def images(x):
     return ((x.astype(np.float32) / 255.0 - MEAN) / STD)[:, None]
 
 
-def accuracy(model, x, y, batch_size=1000):
+def accuracy(model, x, y, args, batch_size=1000):
     model.eval()
     correct = 0
     with dt.no_grad():
         for i in range(0, len(x), batch_size):
-            logits = model(dt.tensor(x[i:i + batch_size]))
-            correct += int((logits.data.argmax(axis=1) == y[i:i + batch_size]).sum())
+            logits = model(harness.on_device(x[i:i + batch_size], args))
+            correct += int((dt.backend.to_numpy(logits.data).argmax(axis=1) == y[i:i + batch_size]).sum())
     model.train()
     return correct / len(x)
 
@@ -61,7 +61,7 @@ def main(argv=None):
     x_train, x_test = images(x_train), images(x_test)
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
 
-    model = mlp() if args.model == "mlp" else lenet()
+    model = (mlp() if args.model == "mlp" else lenet()).to(args.device)
     if args.optimizer == "adam":
         optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     else:
@@ -78,7 +78,7 @@ def main(argv=None):
         progress = harness.Progress(last, f"{args.model} rank {trainer.rank}", not args.no_progress)
         losses, loss_log, start = [], harness.LossLog(args, trainer), time.perf_counter()
         for step, (x, y) in harness.batches(loader, first, last):
-            loss = F.cross_entropy(model(dt.tensor(x)), y)
+            loss = F.cross_entropy(model(harness.on_device(x, args)), y)
             trainer.zero_grad()
             loss.backward()
             trainer.step()
@@ -94,7 +94,7 @@ def main(argv=None):
         trained = (last - first) * args.batch_size * trainer.num_workers
         harness.summary(args, trainer, args.model,
                         train_loss=float(np.mean(losses[-len(loader) // 10 or 1:])) if losses else None,
-                        test_accuracy=accuracy(model, x_test, y_test),
+                        test_accuracy=accuracy(model, x_test, y_test, args),
                         samples_per_s=trained / wall if wall > 0 else None,
                         wall_s=round(wall, 2), steps=last - first)
 
