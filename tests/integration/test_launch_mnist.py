@@ -8,11 +8,7 @@ import pytest
 
 from tests.integration.conftest import PYTHON, ROOT, new_tag, wait_for_no_tagged
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not os.path.exists(os.path.join(ROOT, "workers", "mnist.py")),
-                       reason="workers/mnist.py is not written yet"),
-]
+pytestmark = pytest.mark.slow
 
 MNIST = [PYTHON, os.path.join(ROOT, "workers", "mnist.py"), "--no-progress"]
 TRAINING_DEADLINE_S = 300.0  # a full epoch on 2 shared cores; the launcher itself never waits
