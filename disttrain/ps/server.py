@@ -3,7 +3,6 @@ async / ssp, optimizer updates) that never touches a socket; `serve()` wires it 
 import os
 import signal
 import sys
-import time
 import traceback
 import zlib
 from dataclasses import dataclass, field

@@ -9,8 +9,7 @@ import signal
 import pytest
 
 from tests.integration.conftest import (
-    TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid,
-    wait_for_tagged)
+    TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,6 @@ def randn(*shape):
     return rng.standard_normal(shape)
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    dt.random.manual_seed(0)
-
-
 def reference_attention(module, query, key, value, attn_mask=None, key_padding_mask=None):
     """Batch-major (N, L, E) inputs -> (output, head-averaged weights), one head at a time."""
     params = {name: p.numpy() for name, p in module.named_parameters()}

@@ -16,11 +16,6 @@ def randn(*shape):
     return rng.standard_normal(shape)
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    dt.random.manual_seed(0)
-
-
 # --- Linear, Flatten ------------------------------------------------------------------------
 
 

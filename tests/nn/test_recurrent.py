@@ -14,11 +14,6 @@ def randn(*shape):
     return rng.standard_normal(shape)
 
 
-@pytest.fixture(autouse=True)
-def seeded():
-    dt.random.manual_seed(0)
-
-
 # --- the reference: one gate at a time, straight from the equations ------------------------
 
 
