@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from disttrain.optim import rules
+from disttrain.tensor import RowSparseGrad
 from disttrain.ps import protocol, transport
 from disttrain.ps.protocol import Message, Payload
 
@@ -132,14 +133,12 @@ class Accumulator:
         if self.pieces is not None and not self.rows:
             return self.pieces
         if self.rows:
-            rows = np.concatenate(self.rows)
             values = np.concatenate(self.values)
-            unique, inverse = np.unique(rows, return_inverse=True)
-            summed = np.zeros((len(unique),) + values.shape[1:], dtype=values.dtype)
-            np.add.at(summed, inverse, values)
+            summed = RowSparseGrad.from_rows(np.concatenate(self.rows), values,
+                                             (self.key.param.shape[0],) + values.shape[1:])
             if self.dense is None and self.pieces is None:
-                return unique, summed
-            self.materialize()[unique] += summed
+                return summed.indices, summed.values
+            self.materialize()[summed.indices] += summed.values
         return self.dense
 
 
