@@ -295,7 +295,21 @@ def _as_buffer(name, value):
     return Tensor(np.asarray(value))
 
 
-class Sequential(Module):
+class _ModuleSequence(Module):
+    """What Sequential and ModuleList share: sub-modules in order, numbered "0", "1", ..."""
+
+    def __len__(self):
+        return len(self._modules)
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+    def append(self, module):
+        self.add_module(str(len(self)), module)
+        return self
+
+
+class Sequential(_ModuleSequence):
     """Modules applied one after another; sub-modules are named "0", "1", ... (or by an OrderedDict)."""
 
     def __init__(self, *modules):
@@ -318,18 +332,8 @@ class Sequential(Module):
             return Sequential(OrderedDict(modules[index]))
         return modules[_checked_index(index, len(modules), "Sequential")][1]
 
-    def __len__(self):
-        return len(self._modules)
 
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module):
-        self.add_module(str(len(self)), module)
-        return self
-
-
-class ModuleList(Module):
+class ModuleList(_ModuleSequence):
     """A list of modules whose parameters are registered (named "0", "1", ...); no forward()."""
 
     def __init__(self, modules=()):
@@ -346,15 +350,6 @@ class ModuleList(Module):
         index = _checked_index(index, len(self), "ModuleList")
         self.add_module(str(index), module)
 
-    def __len__(self):
-        return len(self._modules)
-
-    def __iter__(self):
-        return iter(self._modules.values())
-
-    def append(self, module):
-        self.add_module(str(len(self)), module)
-        return self
 
     def extend(self, modules):
         for module in modules:
