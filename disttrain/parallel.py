@@ -157,7 +157,6 @@ class DataParallel:
             if grad is not None:
                 grad = _host_gradient(grad)
             by_lr.setdefault(self._lr(p), {})[name] = grad
-            self._pushed.add(name)
         for lr, grads in by_lr.items():
             self._pending.append(self._store.push_async(grads, self.clock, lr))
 
