@@ -94,7 +94,8 @@ class LossLog:
     """--loss-log: one 'step loss' line per step from rank 0, flushed as it goes."""
 
     def __init__(self, args, trainer):
-        self.file = open(args.loss_log, "a") if args.loss_log and trainer.rank == 0 else None
+        # Line-buffered: what a crashed run logged is on disk.
+        self.file = open(args.loss_log, "a", buffering=1) if args.loss_log and trainer.rank == 0 else None
 
     def write(self, step, loss):
         if self.file:
