@@ -83,12 +83,18 @@ def test_job_over_real_ssh_reaches_the_scheduler_and_exits_0(namespace_hosts, ss
     assert wait_for_no_tagged(tag) == []
 
 
-def test_sigterm_to_the_launcher_stops_processes_behind_ssh(namespace_hosts, sshd_hosts, launch_run):
-    """ssh cannot signal a remote group: closing the guards' stdin has to do it."""
+def start_sleeping_job(namespace_hosts, sshd_hosts, launch_run):
+    """Two toy workers that sleep 60 s, launched over ssh from host 0; (tag, run)."""
     tag = new_tag()
     launcher_host = ["ip", "netns", "exec", namespace_hosts.names[0]]
     run = launch_run(sshd_argv(namespace_hosts, sshd_hosts, tag, TOY_WORKER + ["--sleep", "60"]),
                      tag, prefix=launcher_host)
+    return tag, run
+
+
+def test_sigterm_to_the_launcher_stops_processes_behind_ssh(namespace_hosts, sshd_hosts, launch_run):
+    """ssh cannot signal a remote group: closing the guards' stdin has to do it."""
+    tag, run = start_sleeping_job(namespace_hosts, sshd_hosts, launch_run)
     for rank in (0, 1):
         wait_for_program_pid(tag, "worker", rank, "toy_worker.py")
     run.popen.send_signal(signal.SIGTERM)
@@ -97,10 +103,7 @@ def test_sigterm_to_the_launcher_stops_processes_behind_ssh(namespace_hosts, ssh
 
 
 def test_remote_worker_killed_behind_ssh_is_named_with_its_signal(namespace_hosts, sshd_hosts, launch_run):
-    tag = new_tag()
-    launcher_host = ["ip", "netns", "exec", namespace_hosts.names[0]]
-    run = launch_run(sshd_argv(namespace_hosts, sshd_hosts, tag, TOY_WORKER + ["--sleep", "60"]),
-                     tag, prefix=launcher_host)
+    tag, run = start_sleeping_job(namespace_hosts, sshd_hosts, launch_run)
     os.kill(wait_for_program_pid(tag, "worker", 0, "toy_worker.py"), signal.SIGKILL)
     assert run.finish() == 128 + signal.SIGKILL
     assert f"worker 0 exited with code 137 (SIGKILL on {namespace_hosts.addresses[1]})" in run.stderr
