@@ -21,6 +21,72 @@ def _note_failure(hook):
     return excepthook
 
 
+class _Bucket:
+    """Dense parameters that travel as one key. Several are packed into flat buffers: their
+    gradients are copied into one array and pushed as one payload, and the weights are pulled
+    into one array and copied out. A lone parameter is its own key and travels without
+    copies. Every update rule is elementwise, so a server updating the flat key computes
+    exactly what it would for each parameter apart."""
+
+    def __init__(self, key, names, params):
+        self.key, self.names, self.params = key, names, params
+        self.flat = len(params) > 1
+        self.shapes = [p.data.shape for p in params]
+        sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
+        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+        self.dtype = np.dtype(params[0].data.dtype)
+        if self.flat:
+            self.grads = np.empty(self.bounds[-1], self.dtype)
+            self.weights = np.empty(self.bounds[-1], self.dtype)
+        self.ready = set()      # ids of the parameters whose gradient is final this step
+        self.pushed = False
+
+    @property
+    def shape(self):
+        return (self.bounds[-1],) if self.flat else self.shapes[0]
+
+    def host_weights(self):
+        """The current weights as one host array (what rank 0 initialises the servers with)."""
+        if not self.flat:
+            return backend.to_numpy(self.params[0].data)
+        for p, a, b in zip(self.params, self.bounds, self.bounds[1:]):
+            self.weights[a:b] = backend.to_numpy(p.data).reshape(-1)
+        return self.weights
+
+    def pull_target(self):
+        """The host array a pull writes into."""
+        if self.flat:
+            return self.weights
+        data = self.params[0].data
+        return data if isinstance(data, np.ndarray) else backend.to_numpy(data)
+
+    def store_pulled(self, target):
+        """Copy the pulled weights into the parameters (no-op when pulled in place)."""
+        views = [target[a:b].reshape(shape) for a, b, shape in
+                 zip(self.bounds, self.bounds[1:], self.shapes)] if self.flat else [target]
+        for p, view in zip(self.params, views):
+            if view is not p.data:
+                p.data[...] = backend.array_module(p.data).asarray(view)
+
+    def gradient(self):
+        """The gradient to push: None when no parameter has one this step."""
+        grads = [p.grad for p in self.params]
+        if all(grad is None for grad in grads):
+            return None
+        if not self.flat:
+            return _host_gradient(grads[0])
+        for name, grad, a, b in zip(self.names, grads, self.bounds, self.bounds[1:]):
+            if grad is None:
+                raise RuntimeError(
+                    f"DataParallel: parameter {name!r} got no gradient this step while others "
+                    f"pushed with it as one key did ({', '.join(self.names)}); pass "
+                    f"DataParallel(..., bucket_bytes=0) to push each parameter as its own key")
+            if hasattr(grad, "indices"):
+                grad = grad.to_dense()
+            self.grads[a:b] = backend.to_numpy(grad).reshape(-1)
+        return self.grads
+
+
 class DataParallel:
     """``DataParallel(model, optimizer, mode="sync" | "async" | "ssp", staleness=0)``.
 
@@ -37,9 +103,17 @@ class DataParallel:
 
     overlap=False pushes every gradient in step() instead of from backward's hooks: needed
     when gradients change between backward() and step() (clipping, accumulation over several
-    backward calls). With overlap, ready gradients are pushed in buckets of about
-    ``bucket_bytes``, as PyTorch DDP does: every message costs the server and the worker
-    fixed Python work (~0.1 ms), so ten small pushes per step cost more than one.
+    backward calls).
+
+    Dense parameters travel in buckets of about ``bucket_bytes``, as in PyTorch DDP: the
+    parameters of a bucket (consecutive in reverse registration order, the order backward
+    finishes them; same dtype and parameter group) are one key on the servers, pushed the
+    moment the last of their gradients is ready. Every key costs the worker and the server
+    fixed Python work per message, so LeNet's ten parameters as one key make a step ~2x
+    cheaper to communicate than as ten. A parameter of ``bucket_bytes`` or more, or with
+    ``bucket_bytes=0`` every parameter, is its own key and travels without copies; that is
+    also what a model needs whose parameters are not all used every step (a bucket must get
+    all of its gradients or none, and says which one is missing).
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
@@ -48,6 +122,8 @@ class DataParallel:
             raise ValueError(f"DataParallel: mode {mode!r} is not one of {server.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
             raise ValueError(f"DataParallel: staleness {staleness!r} must be an int >= 0")
+        if not (isinstance(bucket_bytes, int) and bucket_bytes >= 0):
+            raise ValueError(f"DataParallel: bucket_bytes {bucket_bytes!r} must be an int >= 0")
         self.model, self.optimizer = model, optimizer
         self.mode, self.staleness, self.overlap = mode, staleness, overlap
         self.bucket_bytes = bucket_bytes
@@ -70,22 +146,22 @@ class DataParallel:
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
             self._params = dict(self.model.named_parameters())
-            self._names = {id(p): name for name, p in self._params.items()}
             self._lr_group = {id(p): i for i, g in enumerate(self.optimizer.param_groups)
                               for p in g["params"]}
             self._sparse = self._sparse_modules()
-            for name, p in self._params.items():
-                self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
+            self._buckets = self._make_buckets()
+            self._bucket_of = {id(p): b for b in self._buckets.values() for p in b.params}
+            for key, bucket in self._buckets.items():
+                self._store.declare(key, bucket.shape, bucket.dtype, sparse=key in self._sparse)
             if self.rank == 0:
-                self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                self._store.init({key: b.host_weights() for key, b in self._buckets.items()},
                                  self.optimizer.config(), self.mode, self.staleness)
             self._membership.barrier("worker")
-            self._pull(list(self._params))   # every worker starts from rank 0's
+            self._pull(list(self._buckets))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()
             raise
-        self._pushed, self._pending = set(), []
-        self._bucket, self._bucket_size = [], 0   # ready gradients not yet pushed
+        self._pending = []
         if self.overlap:
             for p in self._params.values():
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -102,6 +178,37 @@ class DataParallel:
             if getattr(module, "sparse", False) is True and "weight" in module._parameters:
                 found[f"{prefix}.weight" if prefix else "weight"] = module
         return found
+
+    def _make_buckets(self):
+        """{key: _Bucket}. Sparse, frozen and big parameters are keys of their own; the rest
+        are packed in reverse registration order while dtype and parameter group agree."""
+        buckets, group, size, group_kind = {}, [], 0, None
+
+        def close_group():
+            if len(group) == 1:
+                buckets[group[0][0]] = _Bucket(group[0][0], [group[0][0]], [group[0][1]])
+            elif group:
+                key = f"bucket{len(buckets)}[{group[0][0]}..{group[-1][0]}]"
+                if key in self._params:
+                    raise ValueError(f"DataParallel: a parameter is named {key!r}, a bucket's name")
+                buckets[key] = _Bucket(key, [n for n, _ in group], [p for _, p in group])
+            group.clear()
+
+        for name, p in reversed(self._params.items()):
+            alone = name in self._sparse or not p.requires_grad or \
+                p.data.nbytes >= self.bucket_bytes
+            kind = (np.dtype(p.data.dtype), self._lr_group.get(id(p), 0))
+            if group and (alone or size + p.data.nbytes > self.bucket_bytes or kind != group_kind):
+                close_group()
+                size = 0
+            group.append((name, p))
+            size += p.data.nbytes
+            group_kind = kind
+            if alone:
+                close_group()
+                size = 0
+        close_group()
+        return buckets
 
     def _pull_rows_before_forward(self, name, module):
         original = module.forward
@@ -126,57 +233,37 @@ class DataParallel:
         self.model.state_dict = state_dict
 
     # --- moving weights and gradients -------------------------------------------
-    def _pull(self, names, rows=None, before=()):
-        """Pull into the parameters' arrays in place (through a host copy on a GPU).
+    def _pull(self, keys, rows=None, before=()):
+        """Pull buckets into their parameters (in place where a bucket is one host array).
 
         ``before``: handles (pushes) to wait for too. The pull is sent without waiting for
         them: each server connection delivers in order, so a server sees the pushes first,
         and one round trip per step is saved.
         """
-        outs = {}
-        for name in names:
-            data = self._params[name].data
-            outs[name] = data if isinstance(data, np.ndarray) else backend.to_numpy(data)
+        outs = {key: self._buckets[key].pull_target() for key in keys}
         handle = self._store.pull_async(outs, self.clock, rows)
         for pushed in before:
             pushed.wait()
         handle.wait()
-        for name in names:
-            data = self._params[name].data
-            if outs[name] is not data:
-                data[...] = backend.array_module(data).asarray(outs[name])
+        for key in keys:
+            self._buckets[key].store_pulled(outs[key])
 
-    def _lr(self, p):
-        return self.optimizer.param_groups[self._lr_group.get(id(p), 0)]["lr"]
-
-    def _push(self, names):
-        by_lr = {}
-        for name in names:
-            p = self._params[name]
-            grad = p.grad
-            if grad is not None:
-                grad = _host_gradient(grad)
-            by_lr.setdefault(self._lr(p), {})[name] = grad
-        for lr, grads in by_lr.items():
-            self._pending.append(self._store.push_async(grads, self.clock, lr))
+    def _push(self, bucket):
+        bucket.pushed = True
+        lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
+        self._pending.append(self._store.push_async({bucket.key: bucket.gradient()},
+                                                    self.clock, lr))
 
     def _on_grad_ready(self, tensor):
-        name = self._names[id(tensor)]
-        if name in self._pushed:
+        bucket = self._bucket_of[id(tensor)]
+        if bucket.pushed or id(tensor) in bucket.ready:
+            name = next(n for n, p in zip(bucket.names, bucket.params) if p is tensor)
             raise RuntimeError(f"DataParallel: the gradient of {name!r} became ready twice in "
                                f"one step (backward() twice before step()?); use "
                                f"DataParallel(..., overlap=False) to accumulate gradients")
-        self._pushed.add(name)
-        self._bucket.append(name)
-        grad = tensor.grad
-        self._bucket_size += grad.values.nbytes if hasattr(grad, "indices") else getattr(grad, "nbytes", 0)
-        if self._bucket_size >= self.bucket_bytes:
-            self._flush_bucket()
-
-    def _flush_bucket(self):
-        if self._bucket:
-            self._push(self._bucket)
-        self._bucket, self._bucket_size = [], 0
+        bucket.ready.add(id(tensor))
+        if len(bucket.ready) == len(bucket.params):
+            self._push(bucket)
 
     # --- the training-loop API ----------------------------------------------------
     def zero_grad(self):
@@ -185,13 +272,15 @@ class DataParallel:
     def step(self):
         if not self.is_distributed:
             return self.optimizer.step()
-        # Keys with no gradient this step still send an empty push: sync servers count N.
-        self._bucket += [n for n in self._params if n not in self._pushed]
-        self._flush_bucket()
+        # Buckets with no gradient this step still send an empty push: sync servers count N.
+        for bucket in self._buckets.values():
+            if not bucket.pushed:
+                self._push(bucket)
+            bucket.pushed = False
+            bucket.ready.clear()
         pending, self._pending = self._pending, []
-        self._pushed.clear()
         self.clock += 1
-        self._pull([n for n in self._params if n not in self._sparse], before=pending)
+        self._pull([key for key in self._buckets if key not in self._sparse], before=pending)
 
     def close(self):
         """Say goodbye to the scheduler (the job ends once every worker has). Called at

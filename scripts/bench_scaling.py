@@ -42,8 +42,10 @@ def run(argv, env):
 
 
 def mnist_flags(args):
+    # SGD with momentum 0.9, as the PyTorch runs (mnist.py's default is Adam).
     return ["--model", "lenet", "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
-            "--lr", str(args.lr), "--seed", "0", "--no-progress"]
+            "--optimizer", "sgd", "--momentum", "0.9", "--lr", str(args.lr), "--seed", "0",
+            "--no-progress"]
 
 
 def ours_launched(workers, args):

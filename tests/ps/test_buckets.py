@@ -1,0 +1,103 @@
+"""DataParallel's buckets with one worker whose scheduler and server run on threads of the
+test process: parameters packed into one key train exactly like the local optimizer, and a
+parameter left without gradient is named instead of silently updated."""
+import threading
+
+import numpy as np
+import pytest
+
+import disttrain as dt
+from disttrain import optim
+from disttrain.nn.module import Module
+from disttrain.nn.parameter import Parameter
+from disttrain.parallel import DataParallel
+from disttrain.ps import scheduler, server
+from tests.ps.cluster import free_port
+
+TIMEOUT = 60
+
+
+class Net(Module):
+    """Two used parameters and, optionally, one that forward never touches."""
+
+    def __init__(self, with_unused=False):
+        super().__init__()
+        rng = np.random.default_rng(0)
+        self.w = Parameter(rng.standard_normal((4, 3)).astype(np.float32))
+        self.b = Parameter(np.zeros(3, np.float32))
+        if with_unused:
+            self.unused = Parameter(np.ones(5, np.float32))
+
+    def forward(self, x):
+        return dt.tanh(x @ self.w + self.b)
+
+
+@pytest.fixture
+def one_worker_job(monkeypatch):
+    """Scheduler and one server on threads; the test process is the only worker."""
+    address = f"127.0.0.1:{free_port()}"
+    sched = scheduler.Scheduler(address, 1, 1, heartbeat_timeout=30, timeout=TIMEOUT)
+    threads = [threading.Thread(target=sched.run, daemon=True),
+               threading.Thread(target=server.serve, daemon=True, kwargs=dict(
+                   membership=scheduler.Membership("server", address, 30, TIMEOUT),
+                   host="127.0.0.1"))]
+    for thread in threads:
+        thread.start()
+    for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=address,
+                            DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
+                            DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT)).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
+    yield
+    for thread in threads:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in threads), "scheduler or server did not stop"
+
+
+def train(model, parallel, steps=5):
+    rng = np.random.default_rng(1)
+    for _ in range(steps):
+        x = dt.tensor(rng.standard_normal((8, 4)).astype(np.float32))
+        parallel.zero_grad()
+        (model(x) ** 2).mean().backward()
+        parallel.step()
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 0])
+def test_one_worker_through_the_server_equals_the_local_optimizer(one_worker_job, bucket_bytes):
+    model, local = Net(), Net()
+    with DataParallel(model, optim.Adam(model.parameters(), lr=0.01),
+                      bucket_bytes=bucket_bytes) as parallel:
+        keys = list(parallel._buckets)
+        train(model, parallel)
+    # w and b travel as one key unless every parameter must be its own.
+    assert len(keys) == (1 if bucket_bytes else 2), keys
+    local_optimizer = optim.Adam(local.parameters(), lr=0.01)
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        x = dt.tensor(rng.standard_normal((8, 4)).astype(np.float32))
+        local_optimizer.zero_grad()
+        (local(x) ** 2).mean().backward()
+        local_optimizer.step()
+    for name, expected in local.state_dict().items():
+        np.testing.assert_allclose(model.state_dict()[name], expected, rtol=1e-6, atol=1e-7,
+                                   err_msg=name)
+
+
+def test_a_parameter_without_gradient_in_a_bucket_is_named(one_worker_job):
+    model = Net(with_unused=True)
+    parallel = DataParallel(model, optim.SGD(model.parameters(), lr=0.1))
+    try:
+        with pytest.raises(RuntimeError, match=r"'unused' got no gradient.*bucket_bytes=0"):
+            train(model, parallel, steps=1)
+    finally:
+        parallel.close()
+
+
+def test_with_bucket_bytes_0_an_unused_parameter_is_left_alone(one_worker_job):
+    model = Net(with_unused=True)
+    with DataParallel(model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                      bucket_bytes=0) as parallel:
+        train(model, parallel)
+    np.testing.assert_array_equal(model.state_dict()["unused"], np.ones(5, np.float32))
+    assert not np.array_equal(model.state_dict()["w"], Net().state_dict()["w"])
