@@ -161,7 +161,7 @@ class DataParallel:
         except BaseException:
             self._membership.close()
             raise
-        self._pending = []
+        self._pending, self._pulled = [], []   # handles; (bucket, pull target) pairs
         if self.overlap:
             for p in self._params.values():
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -233,26 +233,27 @@ class DataParallel:
         self.model.state_dict = state_dict
 
     # --- moving weights and gradients -------------------------------------------
-    def _pull(self, keys, rows=None, before=()):
-        """Pull buckets into their parameters (in place where a bucket is one host array).
-
-        ``before``: handles (pushes) to wait for too. The pull is sent without waiting for
-        them: each server connection delivers in order, so a server sees the pushes first,
-        and one round trip per step is saved.
-        """
+    def _pull(self, keys, rows=None):
+        """Pull buckets into their parameters (in place where a bucket is one host array)."""
         outs = {key: self._buckets[key].pull_target() for key in keys}
-        handle = self._store.pull_async(outs, self.clock, rows)
-        for pushed in before:
-            pushed.wait()
-        handle.wait()
+        self._store.pull_async(outs, self.clock, rows).wait()
         for key in keys:
             self._buckets[key].store_pulled(outs[key])
 
     def _push(self, bucket):
+        """Send a bucket's gradient. A dense bucket's message asks for the weights of the
+        next clock too (pushpull: one message per bucket and step, not two); the reply is
+        written into the bucket's pull target when step() waits for it."""
         bucket.pushed = True
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
-        self._pending.append(self._store.push_async({bucket.key: bucket.gradient()},
-                                                    self.clock, lr))
+        grads = {bucket.key: bucket.gradient()}
+        if bucket.key in self._sparse:   # its rows are pulled by the next forward
+            self._pending.append(self._store.push_async(grads, self.clock, lr))
+            return
+        target = bucket.pull_target()
+        self._pending.append(self._store.pushpull_async(grads, {bucket.key: target},
+                                                        self.clock, lr))
+        self._pulled.append((bucket, target))
 
     def _on_grad_ready(self, tensor):
         bucket = self._bucket_of[id(tensor)]
@@ -279,8 +280,12 @@ class DataParallel:
             bucket.pushed = False
             bucket.ready.clear()
         pending, self._pending = self._pending, []
+        pulled, self._pulled = self._pulled, []
         self.clock += 1
-        self._pull([key for key in self._buckets if key not in self._sparse], before=pending)
+        for handle in pending:
+            handle.wait()
+        for bucket, target in pulled:
+            bucket.store_pulled(target)
 
     def close(self):
         """Say goodbye to the scheduler (the job ends once every worker has). Called at
