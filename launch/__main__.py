@@ -38,7 +38,9 @@ def build_parser():
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="extra environment for every process (repeatable)")
     parser.add_argument("--log-dir", help="also write each process's output to DIR/worker-3.log etc.")
-    parser.add_argument("--bind", action="store_true", help="pin worker k of a host to its k-th core")
+    parser.add_argument("--bind", action="store_true",
+                        help="pin worker k of a host to its k-th core, and run servers at "
+                             "real-time priority where permitted (DISTTRAIN_REALTIME=1)")
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                         help="gpu gives worker k of a host DISTTRAIN_DEVICE=cuda:k")
     parser.add_argument("--port", type=int, help="scheduler port (default: a free one)")
@@ -98,6 +100,12 @@ def plan(args, environ):
         scheduler = f"{hosts[0].address}:{port}"
     assign_environment(processes, scheduler, args.device,
                        parse_env_assignments(args.env), environ)
+    if args.bind:
+        # Pinned workers cannot step aside for a server thread woken on their core; a
+        # real-time server preempts them at once (see disttrain.ps.server.use_realtime_priority).
+        for process in processes:
+            if process.role == "server":
+                process.env["DISTTRAIN_REALTIME"] = "1"
     if args.launcher == "local":
         commands = [local.local_command(process, args.bind) for process in processes]
     else:

@@ -31,6 +31,8 @@ def main():
         finally:
             transport.context().term()  # waits for the lingering dead / shutdown notices
     if role == "server":
+        if os.environ.get("DISTTRAIN_REALTIME") == "1":   # launch --bind sets it
+            server.use_realtime_priority(os.environ.get("DISTTRAIN_RANK"))
         return server.serve(scheduler.Membership.from_env("server"))
     raise SystemExit(f"disttrain: DISTTRAIN_ROLE={role!r}: `python -m disttrain.ps` runs "
                      f"'scheduler' or 'server' (workers are your training program)")

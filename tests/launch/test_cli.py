@@ -50,6 +50,14 @@ def test_bind_pins_local_workers_to_successive_allowed_cores(monkeypatch):
     assert [command.cpu for command in commands] == [None, None, 2, 5, 2]
 
 
+@pytest.mark.parametrize("bind", [False, True])
+def test_bind_runs_servers_and_only_servers_at_realtime_priority(monkeypatch, bind):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    processes, commands = plan(parse_args(["-n", "2", "-s", "2"] + ["--bind"] * bind + ["--", "prog"]), {})
+    marked = [p.name for p, c in zip(processes, commands) if c.env.get("DISTTRAIN_REALTIME") == "1"]
+    assert marked == (["server 0", "server 1"] if bind else [])
+
+
 def test_slurm_plan_runs_every_process_as_a_one_task_srun_step():
     environ = {"SLURM_JOB_NODELIST": "node[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_NTASKS": "4"}
     args = parse_args(["--launcher", "slurm", "--port", "29500", "-s", "2", "--", "prog"])
