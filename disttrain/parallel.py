@@ -24,8 +24,8 @@ def _note_failure(hook):
 class _Bucket:
     """Dense parameters that travel as one key. Several are packed into flat buffers: their
     gradients are copied into one array and pushed as one payload, and the weights are pulled
-    into one array and copied out. A lone parameter is its own key and travels without
-    copies. Every update rule is elementwise, so a server updating the flat key computes
+    into one array whose slices are the parameters' arrays (on a GPU they are copied over).
+    A lone parameter is its own key and travels without copies. Every update rule is elementwise, so a server updating the flat key computes
     exactly what it would for each parameter apart."""
 
     def __init__(self, key, names, params):
@@ -38,6 +38,12 @@ class _Bucket:
         if self.flat:
             self.grads = np.empty(self.bounds[-1], self.dtype)
             self.weights = np.empty(self.bounds[-1], self.dtype)
+            self.views = [self.weights[a:b].reshape(shape)
+                          for a, b, shape in zip(self.bounds, self.bounds[1:], self.shapes)]
+            for p, view in zip(params, self.views):
+                view[...] = backend.to_numpy(p.data)
+                if isinstance(p.data, np.ndarray):
+                    p.data = view   # pulled weights then land in the parameters directly
         self.ready = set()      # ids of the parameters whose gradient is final this step
         self.pushed = False
 
@@ -49,8 +55,9 @@ class _Bucket:
         """The current weights as one host array (what rank 0 initialises the servers with)."""
         if not self.flat:
             return backend.to_numpy(self.params[0].data)
-        for p, a, b in zip(self.params, self.bounds, self.bounds[1:]):
-            self.weights[a:b] = backend.to_numpy(p.data).reshape(-1)
+        for p, view in zip(self.params, self.views):
+            if p.data is not view:
+                view[...] = backend.to_numpy(p.data)
         return self.weights
 
     def pull_target(self):
@@ -61,11 +68,10 @@ class _Bucket:
         return data if isinstance(data, np.ndarray) else backend.to_numpy(data)
 
     def store_pulled(self, target):
-        """Copy the pulled weights into the parameters (no-op when pulled in place)."""
-        views = [target[a:b].reshape(shape) for a, b, shape in
-                 zip(self.bounds, self.bounds[1:], self.shapes)] if self.flat else [target]
-        for p, view in zip(self.params, views):
-            if view is not p.data:
+        """Copy the pulled weights into the parameters that are not views of the target
+        (on a GPU, or rebound by the program since)."""
+        for p, view in zip(self.params, self.views if self.flat else [target]):
+            if p.data is not view:
                 p.data[...] = backend.array_module(p.data).asarray(view)
 
     def gradient(self):
