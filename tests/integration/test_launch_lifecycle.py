@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.integration.conftest import (
-    TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid,
+    PYTHON, TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid,
     wait_for_tagged)
 
 pytestmark = pytest.mark.slow
@@ -138,6 +138,22 @@ def test_bind_pins_each_worker_to_its_own_core(launch_run):
     reports = worker_reports(run.stdout)
     cores = sorted(os.sched_getaffinity(0))
     assert [reports[rank]["affinity"] for rank in (0, 1)] == [[cores[0]], [cores[1]]]
+
+
+def test_bind_runs_the_server_real_time_or_it_says_why_not(launch_run):
+    tag = new_tag()
+    # The real server (it sets its priority before registering); the toy worker never
+    # registers, so the server waits until the launcher stops it after the worker's exit.
+    run = launch_run(launcher_argv("-n", "1", "--bind", command=TOY_WORKER + ["--sleep", "3"],
+                                   tag=tag, ps_command=f"{PYTHON} -m disttrain.ps"), tag)
+    server = wait_for_program_pid(tag, "server", 0, "disttrain.ps")
+    policy, end = None, time.monotonic() + 5
+    while policy != os.SCHED_FIFO and time.monotonic() < end:   # set right after start-up
+        policy = os.sched_getscheduler(server)
+        time.sleep(0.05)
+    assert run.finish() == 0, run.stderr
+    refused = "[server 0] disttrain: server 0 keeps normal priority (SCHED_FIFO refused"
+    assert policy == os.SCHED_FIFO or refused in run.stderr, (policy, run.stderr)
 
 
 def test_missing_worker_program_fails_with_127_and_names_it(launch_run):
