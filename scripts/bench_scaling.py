@@ -3,7 +3,7 @@ through the launcher, beside PyTorch DistributedDataParallel (gloo) with 1 and 2
 on the same LeNet-5, batch and optimizer, in the same run; and the ceiling: two independent
 single processes with no communication at all. Last line: one JSON object.
 
-    python scripts/bench_scaling.py [--steps 300] [--batch-size 64] [--repeats 3] [--no-bind]
+    python scripts/bench_scaling.py [--steps 300] [--batch-size 64] [--repeats 5] [--no-bind]
 
 By default every run pins its k-th process to the k-th core: ours through `launch --bind`
 (which also runs the server at real-time priority where permitted), PyTorch's processes
@@ -175,7 +175,7 @@ def main():
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--no-bind", dest="bind", action="store_false",
                         help="do not pin processes to cores (launch without --bind)")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds; each run keeps its best")
+    parser.add_argument("--repeats", type=int, default=5, help="rounds; each run keeps its best")
     parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-port", help=argparse.SUPPRESS)
