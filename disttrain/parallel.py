@@ -25,8 +25,9 @@ class _Bucket:
     """Dense parameters that travel as one key. Several are packed into flat buffers: their
     gradients are copied into one array and pushed as one payload, and the weights are pulled
     into one array whose slices are the parameters' arrays (on a GPU they are copied over).
-    A lone parameter is its own key and travels without copies. Every update rule is elementwise, so a server updating the flat key computes
-    exactly what it would for each parameter apart."""
+    A lone parameter is its own key and travels without copies. Every update rule is
+    elementwise, so a server updating the flat key computes exactly what it would for each
+    parameter apart."""
 
     def __init__(self, key, names, params):
         self.key, self.names, self.params = key, names, params
@@ -96,9 +97,9 @@ class _Bucket:
 class DataParallel:
     """``DataParallel(model, optimizer, mode="sync" | "async" | "ssp", staleness=0)``.
 
-    Distributed, one step is: backward() pushes each gradient from its gradient-ready hook
-    (so communication overlaps the rest of backward); step() waits for the pushes and pulls
-    the fresh weights into the parameters' arrays in place. Rank 0 initialises the servers
+    Distributed, one step is: backward() sends each bucket of gradients from the
+    gradient-ready hook of its last parameter (so communication overlaps the rest of
+    backward); step() waits for the replies, which carry the fresh weights. Rank 0 initialises the servers
     with its weights and optimizer config; every worker then pulls them, so all start equal.
 
     Sparse embeddings (a module with ``sparse=True`` and a ``weight``): pushes carry only the
@@ -115,11 +116,12 @@ class DataParallel:
     parameters of a bucket (consecutive in reverse registration order, the order backward
     finishes them; same dtype and parameter group) are one key on the servers, pushed the
     moment the last of their gradients is ready. Every key costs the worker and the server
-    fixed Python work per message, so LeNet's ten parameters as one key make a step ~2x
-    cheaper to communicate than as ten. A parameter of ``bucket_bytes`` or more, or with
-    ``bucket_bytes=0`` every parameter, is its own key and travels without copies; that is
-    also what a model needs whose parameters are not all used every step (a bucket must get
-    all of its gradients or none, and says which one is missing).
+    fixed Python work per message (measured: LeNet's ten parameters as one key took a
+    2-worker run from 0.72 to 0.79 of two processes that do not communicate at all). A
+    parameter of ``bucket_bytes`` or more, or with ``bucket_bytes=0`` every parameter, is
+    its own key and travels without copies; that is also what a model needs whose
+    parameters are not all used every step (a bucket must get all of its gradients or none,
+    and says which one is missing).
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,

@@ -54,13 +54,14 @@ def one_worker_job(monkeypatch):
     assert not any(thread.is_alive() for thread in threads), "scheduler or server did not stop"
 
 
-def train(model, parallel, steps=5):
+def train(model, stepper, steps=5):
+    """`stepper`: a DataParallel, or a plain optimizer for the local reference."""
     rng = np.random.default_rng(1)
     for _ in range(steps):
         x = dt.tensor(rng.standard_normal((8, 4)).astype(np.float32))
-        parallel.zero_grad()
+        stepper.zero_grad()
         (model(x) ** 2).mean().backward()
-        parallel.step()
+        stepper.step()
 
 
 @pytest.mark.parametrize("bucket_bytes", [1 << 20, 0])
@@ -72,13 +73,7 @@ def test_one_worker_through_the_server_equals_the_local_optimizer(one_worker_job
         train(model, parallel)
     # w and b travel as one key unless every parameter must be its own.
     assert len(keys) == (1 if bucket_bytes else 2), keys
-    local_optimizer = optim.Adam(local.parameters(), lr=0.01)
-    rng = np.random.default_rng(1)
-    for _ in range(5):
-        x = dt.tensor(rng.standard_normal((8, 4)).astype(np.float32))
-        local_optimizer.zero_grad()
-        (local(x) ** 2).mean().backward()
-        local_optimizer.step()
+    train(local, optim.Adam(local.parameters(), lr=0.01))
     for name, expected in local.state_dict().items():
         np.testing.assert_allclose(model.state_dict()[name], expected, rtol=1e-6, atol=1e-7,
                                    err_msg=name)
