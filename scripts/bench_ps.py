@@ -63,6 +63,7 @@ class RawPeer:
                 return f"ipc://{tempfile.gettempdir()}/bench-{uuid.uuid4().hex[:10]}.ipc"
             return f"tcp://127.0.0.1:{free_port()}"
         address_in, address_out = address(), address()
+        self.ipc_paths = [a[len("ipc://"):] for a in (address_in, address_out) if a.startswith("ipc://")]
         self.process = subprocess.Popen([sys.executable, __file__, "--raw-peer", kind,
                                          address_in, address_out], start_new_session=True)
         self.context = zmq.Context()
@@ -78,6 +79,11 @@ class RawPeer:
         self.context.destroy(linger=0)
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
+        for path in self.ipc_paths:   # the killed peer cannot remove the sockets it bound
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
 
 def raw_throughput(peer, nbytes, repeats):
