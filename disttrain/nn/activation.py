@@ -52,29 +52,26 @@ class Softplus(Module):
         return F.softplus(x)
 
 
-class Softmax(Module):
-    """Softmax along ``axis`` (``dim`` is accepted as PyTorch's name for it)."""
+class _AlongAxis(Module):
+    """A module applied along ``axis`` (``dim`` is accepted as PyTorch's name for it)."""
 
     def __init__(self, axis=-1, dim=None):
         super().__init__()
         self.axis = axis if dim is None else dim
+
+    def extra_repr(self):
+        return f"axis={self.axis}"
+
+
+class Softmax(_AlongAxis):
+    """Softmax along ``axis`` (``dim`` is accepted as PyTorch's name for it)."""
 
     def forward(self, x):
         return F.softmax(x, axis=self.axis)
 
-    def extra_repr(self):
-        return f"axis={self.axis}"
 
-
-class LogSoftmax(Module):
+class LogSoftmax(_AlongAxis):
     """log(softmax(x)) along ``axis``, computed stably (``dim`` is accepted too)."""
-
-    def __init__(self, axis=-1, dim=None):
-        super().__init__()
-        self.axis = axis if dim is None else dim
 
     def forward(self, x):
         return F.log_softmax(x, axis=self.axis)
-
-    def extra_repr(self):
-        return f"axis={self.axis}"

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from disttrain.nn import functional as F, init
+from disttrain.nn import functional as F
+from disttrain.nn.linear import FanInLayer
 from disttrain.nn.module import Module
-from disttrain.nn.parameter import Parameter
 
 
 def _pair(value):
@@ -29,7 +29,7 @@ def _padding(padding, kernel_size, stride, dilation):
     return _pair(padding)
 
 
-class Conv2d(Module):
+class Conv2d(FanInLayer):
     """Cross-correlation of (N, C_in, H, W) with weight (C_out, C_in / groups, kh, kw).
 
     Initialised like PyTorch: weight and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with
@@ -46,15 +46,7 @@ class Conv2d(Module):
         self.kernel_size, self.stride = _pair(kernel_size), _pair(stride)
         self.dilation, self.groups = _pair(dilation), groups
         self.padding = _padding(padding, self.kernel_size, self.stride, self.dilation)
-        self.weight = Parameter(np.zeros((out_channels, in_channels // groups) + self.kernel_size, np.float32))
-        if bias:
-            self.bias = Parameter(np.zeros(out_channels, np.float32))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        init.fan_in_uniform_(self.weight, self.bias)
+        self._weight_and_bias((out_channels, in_channels // groups) + self.kernel_size, bias)
 
     def forward(self, x):
         return F.conv2d(x, self.weight, self.bias, stride=self.stride, padding=self.padding,

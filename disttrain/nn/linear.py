@@ -7,7 +7,23 @@ from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 
 
-class Linear(Module):
+class FanInLayer(Module):
+    """A layer with a weight whose first axis is the output and an optional bias of that
+    length, initialised as PyTorch initialises Linear and Conv layers."""
+
+    def _weight_and_bias(self, weight_shape, bias):
+        self.weight = Parameter(np.zeros(weight_shape, np.float32))
+        if bias:
+            self.bias = Parameter(np.zeros(weight_shape[0], np.float32))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        init.fan_in_uniform_(self.weight, self.bias)
+
+
+class Linear(FanInLayer):
     """y = x @ weight.T + bias, with weight (out_features, in_features) as in PyTorch.
 
     Initialised like PyTorch: weight by kaiming_uniform_(a=sqrt(5)), i.e. U(-1/sqrt(in), 1/sqrt(in)),
@@ -17,15 +33,7 @@ class Linear(Module):
     def __init__(self, in_features, out_features, bias=True):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(np.zeros((out_features, in_features), np.float32))
-        if bias:
-            self.bias = Parameter(np.zeros(out_features, np.float32))
-        else:
-            self.register_parameter("bias", None)
-        self.reset_parameters()
-
-    def reset_parameters(self):
-        init.fan_in_uniform_(self.weight, self.bias)
+        self._weight_and_bias((out_features, in_features), bias)
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
