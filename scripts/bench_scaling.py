@@ -19,6 +19,9 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from launch.local import core_for  # noqa: E402
 MNIST = os.path.join(ROOT, "workers", "mnist.py")
 RUN_DEADLINE_S = 600.0
 ONE_THREAD = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -65,8 +68,8 @@ def pinned(index, bind):
     """A preexec_fn pinning a child to the index-th allowed core (None without --bind)."""
     if not bind:
         return None
-    cores = sorted(os.sched_getaffinity(0))
-    return lambda: os.sched_setaffinity(0, {cores[index % len(cores)]})
+    core = core_for(index, os.sched_getaffinity(0))   # the core launch --bind gives worker k
+    return lambda: os.sched_setaffinity(0, {core})
 
 
 def concurrently(argvs, env, bind):

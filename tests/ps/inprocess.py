@@ -33,6 +33,7 @@ def job(num_workers, num_servers):
         run_workers(num_workers, one)
         return sorted(connected, key=lambda pair: pair[0].rank)
 
+    connect.address = address   # for a worker that registers by itself (DataParallel)
     try:
         yield connect
     finally:

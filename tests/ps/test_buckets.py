@@ -1,8 +1,6 @@
 """DataParallel's buckets with one worker whose scheduler and server run on threads of the
 test process: parameters packed into one key train exactly like the local optimizer, and a
 parameter left without gradient is named instead of silently updated."""
-import threading
-
 import numpy as np
 import pytest
 
@@ -11,10 +9,7 @@ from disttrain import optim
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.parallel import DataParallel
-from disttrain.ps import scheduler, server
-from tests.ps.cluster import free_port
-
-TIMEOUT = 60
+from tests.ps.inprocess import TIMEOUT, job
 
 
 class Net(Module):
@@ -35,23 +30,13 @@ class Net(Module):
 @pytest.fixture
 def one_worker_job(monkeypatch):
     """Scheduler and one server on threads; the test process is the only worker."""
-    address = f"127.0.0.1:{free_port()}"
-    sched = scheduler.Scheduler(address, 1, 1, heartbeat_timeout=30, timeout=TIMEOUT)
-    threads = [threading.Thread(target=sched.run, daemon=True),
-               threading.Thread(target=server.serve, daemon=True, kwargs=dict(
-                   membership=scheduler.Membership("server", address, 30, TIMEOUT),
-                   host="127.0.0.1"))]
-    for thread in threads:
-        thread.start()
-    for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=address,
-                            DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
-                            DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT)).items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
-    yield
-    for thread in threads:
-        thread.join(timeout=10)
-    assert not any(thread.is_alive() for thread in threads), "scheduler or server did not stop"
+    with job(1, 1) as connect:
+        for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=connect.address,
+                                DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
+                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT)).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
+        yield
 
 
 def train(model, stepper, steps=5):
