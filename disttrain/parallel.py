@@ -22,76 +22,23 @@ def _note_failure(hook):
 
 
 class _Bucket:
-    """Dense parameters that travel as one key. Several are packed into flat buffers: their
-    gradients are copied into one array and pushed as one payload, and the weights are pulled
-    into one array whose slices are the parameters' arrays (on a GPU they are copied over).
-    A lone parameter is its own key and travels without copies. Every update rule is
-    elementwise, so a server updating the flat key computes exactly what it would for each
-    parameter apart."""
+    """Parameters whose gradients travel together: one pushpull message (one per server that
+    holds some of them), sent from the gradient hook of the last of them; the reply carries
+    their weights of the next clock. Each parameter stays its own key, named as in
+    ``named_parameters()``, so a parameter without gradient this step is simply left alone."""
 
-    def __init__(self, key, names, params):
-        self.key, self.names, self.params = key, names, params
-        self.flat = len(params) > 1
-        self.shapes = [p.data.shape for p in params]
-        sizes = [int(np.prod(shape, dtype=np.int64)) for shape in self.shapes]
-        self.bounds = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        self.dtype = np.dtype(params[0].data.dtype)
-        if self.flat:
-            self.grads = np.empty(self.bounds[-1], self.dtype)
-            self.weights = np.empty(self.bounds[-1], self.dtype)
-            self.views = [self.weights[a:b].reshape(shape)
-                          for a, b, shape in zip(self.bounds, self.bounds[1:], self.shapes)]
-            for p, view in zip(params, self.views):
-                view[...] = backend.to_numpy(p.data)
-                if isinstance(p.data, np.ndarray):
-                    p.data = view   # pulled weights then land in the parameters directly
+    def __init__(self, names, params):
+        self.names, self.params = names, params
         self.ready = set()      # ids of the parameters whose gradient is final this step
         self.pushed = False
 
-    @property
-    def shape(self):
-        return (self.bounds[-1],) if self.flat else self.shapes[0]
+    def gradients(self):
+        """{name: host gradient, or None for "no gradient this step"}."""
+        return {name: None if p.grad is None else _host_gradient(p.grad)
+                for name, p in zip(self.names, self.params)}
 
-    def host_weights(self):
-        """The current weights as one host array (what rank 0 initialises the servers with)."""
-        if not self.flat:
-            return backend.to_numpy(self.params[0].data)
-        for p, view in zip(self.params, self.views):
-            if p.data is not view:
-                view[...] = backend.to_numpy(p.data)
-        return self.weights
-
-    def pull_target(self):
-        """The host array a pull writes into."""
-        if self.flat:
-            return self.weights
-        data = self.params[0].data
-        return data if isinstance(data, np.ndarray) else backend.to_numpy(data)
-
-    def store_pulled(self, target):
-        """Copy the pulled weights into the parameters that are not views of the target
-        (on a GPU, or rebound by the program since)."""
-        for p, view in zip(self.params, self.views if self.flat else [target]):
-            if p.data is not view:
-                p.data[...] = backend.array_module(p.data).asarray(view)
-
-    def gradient(self):
-        """The gradient to push: None when no parameter has one this step."""
-        grads = [p.grad for p in self.params]
-        if all(grad is None for grad in grads):
-            return None
-        if not self.flat:
-            return _host_gradient(grads[0])
-        for name, grad, a, b in zip(self.names, grads, self.bounds, self.bounds[1:]):
-            if grad is None:
-                raise RuntimeError(
-                    f"DataParallel: parameter {name!r} got no gradient this step while others "
-                    f"pushed with it as one key did ({', '.join(self.names)}); pass "
-                    f"DataParallel(..., bucket_bytes=0) to push each parameter as its own key")
-            if hasattr(grad, "indices"):
-                grad = grad.to_dense()
-            self.grads[a:b] = backend.to_numpy(grad).reshape(-1)
-        return self.grads
+    def pull_targets(self):
+        return {name: _pull_target(p.data) for name, p in zip(self.names, self.params)}
 
 
 class DataParallel:
@@ -99,8 +46,9 @@ class DataParallel:
 
     Distributed, one step is: backward() sends each bucket of gradients from the
     gradient-ready hook of its last parameter (so communication overlaps the rest of
-    backward); step() waits for the replies, which carry the fresh weights. Rank 0 initialises the servers
-    with its weights and optimizer config; every worker then pulls them, so all start equal.
+    backward); step() waits for the replies, which carry the fresh weights. Rank 0
+    initialises the servers with its weights and optimizer config; every worker then pulls
+    them, so all start equal. The servers' keys are the ``named_parameters()`` names.
 
     Sparse embeddings (a module with ``sparse=True`` and a ``weight``): pushes carry only the
     rows of the RowSparseGrad; pulls fetch only the rows a batch uses, at the start of that
@@ -114,14 +62,11 @@ class DataParallel:
 
     Dense parameters travel in buckets of about ``bucket_bytes``, as in PyTorch DDP: the
     parameters of a bucket (consecutive in reverse registration order, the order backward
-    finishes them; same dtype and parameter group) are one key on the servers, pushed the
-    moment the last of their gradients is ready. Every key costs the worker and the server
-    fixed Python work per message (measured: LeNet's ten parameters as one key took a
-    2-worker run from 0.72 to 0.79 of two processes that do not communicate at all). A
-    parameter of ``bucket_bytes`` or more, or with ``bucket_bytes=0`` every parameter, is
-    its own key and travels without copies; that is also what a model needs whose
-    parameters are not all used every step (a bucket must get all of its gradients or none,
-    and says which one is missing).
+    finishes them; one parameter group) go out as one pushpull message per server, the
+    moment the last of their gradients is ready, and its reply brings their weights of the
+    next clock: one message per bucket and step instead of a push and a pull per parameter.
+    A parameter with no gradient in a step is pushed as "none" and left as it is.
+    ``bucket_bytes=0`` sends every parameter in a message of its own.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
@@ -158,18 +103,18 @@ class DataParallel:
                               for p in g["params"]}
             self._sparse = self._sparse_modules()
             self._buckets = self._make_buckets()
-            self._bucket_of = {id(p): b for b in self._buckets.values() for p in b.params}
-            for key, bucket in self._buckets.items():
-                self._store.declare(key, bucket.shape, bucket.dtype, sparse=key in self._sparse)
+            self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
+            for name, p in self._params.items():
+                self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
             if self.rank == 0:
-                self._store.init({key: b.host_weights() for key, b in self._buckets.items()},
+                self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                  self.optimizer.config(), self.mode, self.staleness)
             self._membership.barrier("worker")
-            self._pull(list(self._buckets))   # every worker starts from rank 0's
+            self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()
             raise
-        self._pending, self._pulled = [], []   # handles; (bucket, pull target) pairs
+        self._pending, self._pulled = [], []   # handles; {name: pull target} per pushpull
         if self.overlap:
             for p in self._params.values():
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -188,35 +133,24 @@ class DataParallel:
         return found
 
     def _make_buckets(self):
-        """{key: _Bucket}. Sparse, frozen and big parameters are keys of their own; the rest
-        are packed in reverse registration order while dtype and parameter group agree."""
-        buckets, group, size, group_kind = {}, [], 0, None
-
-        def close_group():
-            if len(group) == 1:
-                buckets[group[0][0]] = _Bucket(group[0][0], [group[0][0]], [group[0][1]])
-            elif group:
-                key = f"bucket{len(buckets)}[{group[0][0]}..{group[-1][0]}]"
-                if key in self._params:
-                    raise ValueError(f"DataParallel: a parameter is named {key!r}, a bucket's name")
-                buckets[key] = _Bucket(key, [n for n, _ in group], [p for _, p in group])
-            group.clear()
-
+        """Sparse and frozen parameters go alone; the rest are grouped in reverse
+        registration order (the order backward finishes them) up to ``bucket_bytes``, one
+        parameter group (one learning rate) per bucket."""
+        buckets, group, size = [], [], 0
         for name, p in reversed(self._params.items()):
-            alone = name in self._sparse or not p.requires_grad or \
-                p.data.nbytes >= self.bucket_bytes
-            kind = (np.dtype(p.data.dtype), self._lr_group.get(id(p), 0))
-            if group and (alone or size + p.data.nbytes > self.bucket_bytes or kind != group_kind):
-                close_group()
-                size = 0
+            alone = name in self._sparse or not p.requires_grad
+            if group and (alone or size + p.data.nbytes > self.bucket_bytes or
+                          self._lr_group.get(id(p), 0) != self._lr_group.get(id(group[0][1]), 0)):
+                buckets.append(group)
+                group, size = [], 0
             group.append((name, p))
             size += p.data.nbytes
-            group_kind = kind
             if alone:
-                close_group()
-                size = 0
-        close_group()
-        return buckets
+                buckets.append(group)
+                group, size = [], 0
+        if group:
+            buckets.append(group)
+        return [_Bucket([n for n, _ in g], [p for _, p in g]) for g in buckets]
 
     def _pull_rows_before_forward(self, name, module):
         original = module.forward
@@ -241,27 +175,31 @@ class DataParallel:
         self.model.state_dict = state_dict
 
     # --- moving weights and gradients -------------------------------------------
-    def _pull(self, keys, rows=None):
-        """Pull buckets into their parameters (in place where a bucket is one host array)."""
-        outs = {key: self._buckets[key].pull_target() for key in keys}
+    def _pull(self, names, rows=None):
+        """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
+        outs = {name: _pull_target(self._params[name].data) for name in names}
         self._store.pull_async(outs, self.clock, rows).wait()
-        for key in keys:
-            self._buckets[key].store_pulled(outs[key])
+        self._store_pulled(outs)
+
+    def _store_pulled(self, outs):
+        for name, out in outs.items():
+            data = self._params[name].data
+            if out is not data:
+                data[...] = backend.array_module(data).asarray(out)
 
     def _push(self, bucket):
-        """Send a bucket's gradient. A dense bucket's message asks for the weights of the
+        """Send a bucket's gradients. A dense bucket's message asks for the weights of the
         next clock too (pushpull: one message per bucket and step, not two); the reply is
-        written into the bucket's pull target when step() waits for it."""
+        written into the pull targets when step() waits for it."""
         bucket.pushed = True
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
-        grads = {bucket.key: bucket.gradient()}
-        if bucket.key in self._sparse:   # its rows are pulled by the next forward
-            self._pending.append(self._store.push_async(grads, self.clock, lr))
+        if bucket.names[0] in self._sparse:   # its rows are pulled by the next forward
+            self._pending.append(self._store.push_async(bucket.gradients(), self.clock, lr))
             return
-        target = bucket.pull_target()
-        self._pending.append(self._store.pushpull_async(grads, {bucket.key: target},
+        targets = bucket.pull_targets()
+        self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
                                                         self.clock, lr))
-        self._pulled.append((bucket, target))
+        self._pulled.append(targets)
 
     def _on_grad_ready(self, tensor):
         bucket = self._bucket_of[id(tensor)]
@@ -282,7 +220,7 @@ class DataParallel:
         if not self.is_distributed:
             return self.optimizer.step()
         # Buckets with no gradient this step still send an empty push: sync servers count N.
-        for bucket in self._buckets.values():
+        for bucket in self._buckets:
             if not bucket.pushed:
                 self._push(bucket)
             bucket.pushed = False
@@ -292,8 +230,8 @@ class DataParallel:
         self.clock += 1
         for handle in pending:
             handle.wait()
-        for bucket, target in pulled:
-            bucket.store_pulled(target)
+        for targets in pulled:
+            self._store_pulled(targets)
 
     def close(self):
         """Say goodbye to the scheduler (the job ends once every worker has). Called at
@@ -327,6 +265,11 @@ class DataParallel:
             _failed = True
             self.close()
         return False
+
+
+def _pull_target(data):
+    """The host array a pull writes into: the parameter's own array, or a host copy."""
+    return data if isinstance(data, np.ndarray) else backend.to_numpy(data)
 
 
 def _host_gradient(grad):

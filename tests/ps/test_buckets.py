@@ -1,6 +1,6 @@
 """DataParallel's buckets with one worker whose scheduler and server run on threads of the
-test process: parameters packed into one key train exactly like the local optimizer, and a
-parameter left without gradient is named instead of silently updated."""
+test process: parameters sent together train exactly like the local optimizer, stay keys of
+their own names on the server, and a parameter left without gradient is left alone."""
 import numpy as np
 import pytest
 
@@ -54,30 +54,25 @@ def test_one_worker_through_the_server_equals_the_local_optimizer(one_worker_job
     model, local = Net(), Net()
     with DataParallel(model, optim.Adam(model.parameters(), lr=0.01),
                       bucket_bytes=bucket_bytes) as parallel:
-        keys = list(parallel._buckets)
+        buckets = [bucket.names for bucket in parallel._buckets]
         train(model, parallel)
-    # w and b travel as one key unless every parameter must be its own.
-    assert len(keys) == (1 if bucket_bytes else 2), keys
+        # The servers' keys are the parameter names, whatever the buckets.
+        pulled = np.empty((4, 3), np.float32)
+        parallel._store.pull({"w": pulled}, parallel.clock)
+        np.testing.assert_array_equal(pulled, model.state_dict()["w"])
+    # Backward finishes b before w: reverse registration order, together unless split.
+    assert buckets == ([["b", "w"]] if bucket_bytes else [["b"], ["w"]]), buckets
     train(local, optim.Adam(local.parameters(), lr=0.01))
     for name, expected in local.state_dict().items():
         np.testing.assert_allclose(model.state_dict()[name], expected, rtol=1e-6, atol=1e-7,
                                    err_msg=name)
 
 
-def test_a_parameter_without_gradient_in_a_bucket_is_named(one_worker_job):
-    model = Net(with_unused=True)
-    parallel = DataParallel(model, optim.SGD(model.parameters(), lr=0.1))
-    try:
-        with pytest.raises(RuntimeError, match=r"'unused' got no gradient.*bucket_bytes=0"):
-            train(model, parallel, steps=1)
-    finally:
-        parallel.close()
-
-
-def test_with_bucket_bytes_0_an_unused_parameter_is_left_alone(one_worker_job):
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 0])
+def test_an_unused_parameter_is_left_alone(one_worker_job, bucket_bytes):
     model = Net(with_unused=True)
     with DataParallel(model, optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
-                      bucket_bytes=0) as parallel:
+                      bucket_bytes=bucket_bytes) as parallel:
         train(model, parallel)
     np.testing.assert_array_equal(model.state_dict()["unused"], np.ones(5, np.float32))
     assert not np.array_equal(model.state_dict()["w"], Net().state_dict()["w"])
