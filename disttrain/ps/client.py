@@ -102,9 +102,7 @@ class KVStore:
                 request_id = next(self._ids)
                 handle.outstanding.add(request_id)
                 self.handles[request_id] = handle
-                payloads = [Payload(index, kind, start, array)
-                            for index, (_, _, pieces, _) in enumerate(group)
-                            for kind, start, array in pieces]
+                payloads = _payloads(group)
                 message_meta = dict(meta, chunks=[chunk.index for _, chunk, _, _ in group])
                 self.connections[server].send(Message(
                     op, request_id, self.sender, [name for name, _, _, _ in group], payloads,
@@ -170,6 +168,12 @@ class KVStore:
                 out = outs[reply.keys[p.key]]
                 if p.kind == "dense":
                     out.reshape(-1)[p.start:p.start + p.array.size] = p.array
+                elif p.kind == "packed":
+                    offset = 0
+                    for index, start, size in p.spans:
+                        outs[reply.keys[index]].reshape(-1)[start:start + size] = \
+                            p.array[offset:offset + size]
+                        offset += size
                 elif p.kind == "rows":
                     pending_rows = p.array
                 else:
@@ -260,6 +264,32 @@ def _pack(entries):
         size += entry[3]
     if group:
         yield group
+
+
+def _payloads(entries):
+    """The payloads of one message: one per piece, except that consecutive chunks sent whole
+    in one small piece each (a bucket of small gradients) travel packed in one frame of at
+    most FRAME_BYTES, which a server updates with one optimizer call (see server.Group)."""
+    payloads, run = [], []
+    for index, (_, chunk, pieces, nbytes) in enumerate(entries):
+        whole = len(pieces) == 1 and pieces[0][0] == "dense" and nbytes < protocol.FRAME_BYTES
+        if run and not (whole and pieces[0][2].dtype == run[0][2].dtype and
+                        sum(piece.nbytes for _, _, piece in run) + nbytes <= protocol.FRAME_BYTES):
+            payloads += _packed(run)
+            run = []
+        if whole:
+            run.append((index, pieces[0][1], pieces[0][2]))
+        else:
+            payloads += [Payload(index, kind, start, array) for kind, start, array in pieces]
+    return payloads + _packed(run)
+
+
+def _packed(run):
+    """[(key index, start, whole-chunk array)] as one packed payload (a lone one as dense)."""
+    if len(run) < 2:
+        return [Payload(index, "dense", start, array) for index, start, array in run]
+    return [Payload(run[0][0], "packed", 0, np.concatenate([array for _, _, array in run]),
+                    [(index, start, array.size) for index, start, array in run])]
 
 
 class _Group:

@@ -16,7 +16,10 @@ import numpy as np
 # payloads[i] describes frame_i: which key it belongs to (an index into keys), its dtype and
 # shape, and where it sits in the key. kind is "dense" (a flat slice of the key starting at
 # element `start`), "rows" (int64 row indices of a sparse key) or "values" (the rows named
-# by the rows payload just before it).
+# by the rows payload just before it) or "packed": whole chunks of several small keys back to
+# back in one frame, its descriptor listing them as "spans": [[key, start, size], ...] (key
+# index, the chunk's first element in the key, its element count), in frame order. A bucket of
+# small gradients then costs one frame, and a server one optimizer call (see server.Group).
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.
@@ -26,7 +29,7 @@ NOTICE_OPS = ("reply", "error", "dead", "shutdown")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS
 
 DTYPES = ("float16", "float32", "float64", "int32", "int64")
-KINDS = ("dense", "rows", "values")
+KINDS = ("dense", "rows", "values", "packed")
 _OPS, _KINDS = frozenset(OPS), frozenset(KINDS)
 _DTYPES = {name: np.dtype(name) for name in DTYPES}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # dtype.name is slow
@@ -49,6 +52,7 @@ class Payload:
     kind: str
     start: int
     array: np.ndarray
+    spans: list = None      # "packed" only: [[key index, start, size], ...]
 
 
 @dataclass
@@ -79,8 +83,11 @@ def encode(message):
         name = _DTYPE_NAMES.get(array.dtype)
         if name is None:
             raise ValueError(f"cannot send dtype {array.dtype}: the wire carries {DTYPES}")
-        descriptors.append({"key": p.key, "kind": p.kind, "dtype": name,
-                            "shape": list(array.shape), "start": int(p.start)})
+        descriptor = {"key": p.key, "kind": p.kind, "dtype": name, "shape": list(array.shape),
+                      "start": int(p.start)}
+        if p.spans is not None:   # Python ints: msgpack writes the tuples as arrays
+            descriptor["spans"] = p.spans
+        descriptors.append(descriptor)
         frames.append(memoryview(array).cast("B") if array.size else b"")
     header = {"v": VERSION, "op": message.op, "id": message.id, "sender": message.sender,
               "keys": list(message.keys), "payloads": descriptors, "meta": message.meta}
@@ -161,7 +168,31 @@ def _decode_payload(descriptor, buffer, num_keys, index):
                             f"bytes, frame has {len(buffer)}")
     array = np.frombuffer(buffer, dtype=dtype).reshape(shape) if declared else \
         np.empty(shape, dtype=dtype)
-    return Payload(key, kind, start, array)
+    spans = _decode_spans(descriptor.get("spans"), array, key, num_keys, index) \
+        if kind == "packed" else None
+    return Payload(key, kind, start, array, spans)
+
+
+def _decode_spans(spans, array, key, num_keys, index):
+    """The [key index, start, size] spans of a packed payload, checked to tile its 1-D frame;
+    the payload's own key is its first span's."""
+    if type(spans) is not list or not spans or array.ndim != 1:
+        raise ProtocolError(f"payload {index}: a packed payload needs a 1-D frame and a "
+                            f"non-empty 'spans' list")
+    total = 0
+    for span in spans:
+        if type(span) is not list or len(span) != 3:
+            raise ProtocolError(f"payload {index}: bad span {span!r}")
+        k, start, size = span
+        if type(k) is not int or type(start) is not int or type(size) is not int or \
+                not 0 <= k < num_keys or start < 0 or size < 0:
+            raise ProtocolError(f"payload {index}: bad span {span!r} (want [key index < "
+                                f"{num_keys}, start >= 0, size >= 0])")
+        total += size
+    if total != array.size or spans[0][0] != key:
+        raise ProtocolError(f"payload {index}: spans {spans} must start at the payload's key "
+                            f"{key} and cover its {array.size} elements")
+    return spans
 
 
 def error_reply(request_id, sender, text):

@@ -70,7 +70,7 @@ def chunk_layout(name, shape, dtype, num_servers):
             for i in range(pieces)]
 
 
-@dataclass
+@dataclass(eq=False)
 class KeyChunk:
     """One server's chunk of one key: its weights, optimizer state and clocks."""
     name: str
@@ -84,6 +84,40 @@ class KeyChunk:
     pushes: list = field(default_factory=list)   # pushes received per worker rank
     pending: dict = field(default_factory=dict)  # sync: clock -> Accumulator
     spare: list = field(default_factory=list)    # gradient buffers to reuse (warm pages)
+    group: "Group" = None                   # while set, `param` is a view into group.param
+    # and the optimizer state and pending gradients live in the group
+
+    @property
+    def members(self):
+        return (self,)
+
+    def take_buffer(self):
+        return self.spare.pop() if self.spare else np.empty_like(self.param)
+
+
+@dataclass(eq=False)
+class Group:
+    """Small dense chunks that workers push packed in one frame, in that order (a
+    DataParallel bucket), stored back to back: one optimizer call updates them all and one
+    frame answers their pull. To the rest of the server it looks like one flat key; each
+    member keeps its name, clocks and a view of its weights, so it can still be pulled alone.
+
+    Measured on LeNet-5's ten parameters (2 workers, SGD with momentum): a server's decode,
+    handling and reply encoding of one step take 170 us instead of 320 us key by key, and a
+    pinned 2-worker step 11.05 instead of 11.68 ms (4 alternating runs each).
+
+    A group forms on the first packed push of chunks never pushed before, and is dissolved
+    back into plain keys, state and pending gradients split exactly, the moment any member is
+    pushed otherwise (alone, without gradient, or packed with other keys); those keys then
+    stay plain."""
+    members: tuple                          # the KeyChunks, in packed order
+    offsets: list                           # each member's first element in `param`
+    param: np.ndarray                       # 1-D, all members' weights back to back
+    state: dict = field(default_factory=dict)
+    version: int = 0
+    pending: dict = field(default_factory=dict)
+    spare: list = field(default_factory=list)
+    sparse = False
 
     def take_buffer(self):
         return self.spare.pop() if self.spare else np.empty_like(self.param)
@@ -200,12 +234,13 @@ class ServerState:
         if not (isinstance(specs, list) and len(specs) == len(message.keys)):
             raise RequestError("init: meta 'specs' must list {shape, dtype, sparse} per key")
         chunks = self._chunk_indices(message)
+        payloads = _by_key(message)
         new = {}
         for index, (name, spec, chunk) in enumerate(zip(message.keys, specs, chunks)):
             if (name, chunk) in self.keys or (name, chunk) in new:
                 raise RequestError(f"init: key {name!r} chunk {chunk} is already initialized")
             new[name, chunk] = self._new_key(name, spec, chunk)
-            self._copy_dense(new[name, chunk], message, index, "init")
+            self._copy_dense(new[name, chunk], payloads[index], "init")
         self.config = config
         self.keys.update(new)
         return Message("reply", message.id, self.sender)
@@ -249,17 +284,16 @@ class ServerState:
             keys.append(key)
         return keys
 
-    def _copy_dense(self, key, message, index, what):
-        """Copy the dense payloads of key `index` into a fresh chunk-shaped array (init) —
-        they must cover the chunk exactly, in order."""
+    def _copy_dense(self, key, payloads, what):
+        """Copy a key's dense payloads into its fresh chunk-shaped array (init) — they must
+        cover the chunk exactly, in order."""
         flat = key.param.reshape(-1)
-        for offset, piece in self._dense_pieces(key, message, index, what):
+        for offset, piece in self._dense_pieces(key, payloads, what):
             flat[offset:offset + piece.size] = piece
 
-    def _dense_pieces(self, key, message, index, what):
-        """(offset within the chunk, 1-D array) for each dense payload of key `index`,
-        checked to tile the chunk exactly."""
-        payloads = [p for p in message.payloads if p.key == index]
+    def _dense_pieces(self, key, payloads, what):
+        """(offset within the chunk, 1-D array) for each of a key's dense payloads, checked
+        to tile the chunk exactly."""
         expected = key.chunk.start
         pieces = []
         for p in payloads:
@@ -282,9 +316,8 @@ class ServerState:
         if array.dtype != key.dtype:
             raise RequestError(f"{what}: key {key.name!r} is {key.dtype}, payload is {array.dtype}")
 
-    def _row_pairs(self, key, message, index, what, with_values):
-        """Local row indices (and their values) from the rows/values payloads of key `index`."""
-        payloads = [p for p in message.payloads if p.key == index]
+    def _row_pairs(self, key, payloads, what, with_values):
+        """Local row indices (and their values) from a key's rows/values payloads."""
         rows, values = [], []
         step = 2 if with_values else 1
         if len(payloads) % step:
@@ -323,19 +356,96 @@ class ServerState:
         if self.config is None:
             raise RequestError(f"{message.op} before init on server {self.rank}")
 
-    def _gradient(self, key, message, index):
+    def _gradient(self, key, payloads):
         """None (an empty push), a list of dense (offset, piece) covering the chunk, or
         (local rows, values)."""
-        payloads = [p for p in message.payloads if p.key == index]
         if not payloads:
             return None
         if payloads[0].kind == "dense":
-            return self._dense_pieces(key, message, index, "push")
-        rows, values = self._row_pairs(key, message, index, "push", with_values=True)
+            return self._dense_pieces(key, payloads, "push")
+        rows, values = self._row_pairs(key, payloads, "push", with_values=True)
         rows = np.concatenate(rows)
         if len(np.unique(rows)) != len(rows):
             raise RequestError(f"push: key {key.name!r} repeats a row")
         return rows, np.concatenate(values)
+
+    def _push_units(self, message, keys):
+        """What a push updates, as (target, gradient) pairs: a target is a KeyChunk, or the
+        Group of the chunks a packed payload carries (see Group)."""
+        payloads = _by_key(message)
+        if len(set(map(id, keys))) != len(keys):
+            raise RequestError(f"push: a key chunk is named twice in {message.keys}")
+        units, packed = [], set()
+        for payload in message.payloads:
+            if payload.kind == "packed":
+                units += self._packed_units(payload, keys, payloads, packed)
+        for index, key in enumerate(keys):
+            if index not in packed:
+                if key.group is not None:   # pushed on its own now: back to a plain key
+                    self._dissolve(key.group)
+                units.append((key, self._gradient(key, payloads[index])))
+        return units
+
+    def _packed_units(self, payload, keys, payloads, packed):
+        members = []
+        for index, start, size in payload.spans:
+            key = keys[index]
+            # The payload itself is listed under its first span's key; nothing else may be.
+            if index in packed or len(payloads[index]) > (index == payload.key):
+                raise RequestError(f"push: key {key.name!r} is in more than one payload")
+            self._check_dtype(key, payload.array, "push")
+            if key.sparse or start != key.chunk.start or size != key.param.size:
+                raise RequestError(f"push: a packed payload carries whole dense chunks, but "
+                                   f"key {key.name!r} got {size} elements at {start} (server "
+                                   f"{self.rank} holds {key.chunk.start}..{key.chunk.stop})")
+            packed.add(index)
+            members.append(key)
+        members = tuple(members)
+        group = self._group_of(members)
+        if group is not None:
+            return [(group, [(0, payload.array)])]
+        starts = np.cumsum([0] + [key.param.size for key in members]).tolist()
+        return [(key, [(0, payload.array[start:stop])])
+                for key, start, stop in zip(members, starts, starts[1:])]
+
+    def _group_of(self, members):
+        """The Group of exactly these chunks in this order: the existing one, a new one if
+        none of them was ever pushed, or None (they are then updated one by one)."""
+        group = members[0].group
+        if group is not None and group.members == members:
+            return group
+        for key in members:
+            if key.group is not None:
+                self._dissolve(key.group)
+        itemsize = members[0].param.itemsize
+        if len(members) < 2 or any(any(key.pushes) for key in members) or \
+                sum(key.param.size for key in members) * itemsize > UPDATE_SLICE_BYTES:
+            return None   # (a key never pushed has no state and no pending sum yet)
+        offsets = np.cumsum([0] + [key.param.size for key in members]).tolist()
+        group = Group(members, offsets[:-1], np.concatenate([key.param.reshape(-1)
+                                                              for key in members]))
+        for key, start, stop in zip(members, offsets, offsets[1:]):
+            key.param = group.param[start:stop].reshape(key.param.shape)
+            key.group = group
+        return group
+
+    @staticmethod
+    def _dissolve(group):
+        """Give every member its share of the group's optimizer state and pending sums."""
+        for key, start in zip(group.members, group.offsets):
+            stop = start + key.param.size
+            key.group = None
+            key.state = {index: {name: value[start:stop].copy()
+                                 if isinstance(value, np.ndarray) else value
+                                 for name, value in state.items()}
+                         for index, state in group.state.items()}
+            for clock, accumulator in group.pending.items():
+                share = key.pending[clock] = Accumulator(key)
+                share.count = accumulator.count
+                if accumulator.dense is not None:
+                    share.dense = accumulator.dense[start:stop].reshape(key.param.shape).copy()
+                elif accumulator.pieces is not None:
+                    share.pieces = [(0, accumulator.pieces[0][1][start:stop])]
 
     def _push(self, message, keys=None):
         self._require_config(message)
@@ -344,28 +454,35 @@ class ServerState:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool):
             raise RequestError(f"push: lr {lr!r} must be a number")
         keys = keys or self._keys(message)
-        # Check the whole request before changing anything, so a bad push leaves no trace.
-        gradients = []
-        for index, key in enumerate(keys):
+        # Check the whole request before changing anything, so a bad push leaves no trace
+        # (forming or dissolving a group moves data but changes no value).
+        units = self._push_units(message, keys)
+        for key in keys:
             if clock != key.pushes[rank]:
                 raise RequestError(f"push: worker {rank} sent clock {clock!r} for key "
                                    f"{key.name!r}, expected clock {key.pushes[rank]}")
-            gradients.append(self._gradient(key, message, index))
         sync = self.config["mode"] == "sync"
-        for key, gradient in zip(keys, gradients):
-            key.pushes[rank] += 1
+        for target, gradient in units:
+            for key in target.members:
+                key.pushes[rank] += 1
             # Sync sums N pushes of a clock; async and ssp apply every push as it arrives.
-            accumulator = key.pending.setdefault(clock, Accumulator(key)) if sync \
-                else Accumulator(key)
+            accumulator = target.pending.setdefault(clock, Accumulator(target)) if sync \
+                else Accumulator(target)
             accumulator.add(gradient)
             if not sync:
-                self._apply(key, accumulator, lr, 1)
-                key.version += 1
+                self._apply(target, accumulator, lr, 1)
+                self._count_update(target)
             # Clocks are applied in order, each once all N workers pushed it.
-            while sync and key.pending.get(key.version) and \
-                    key.pending[key.version].count == self.num_workers:
-                self._apply(key, key.pending.pop(key.version), lr, self.num_workers)
-                key.version += 1
+            while sync and target.pending.get(target.version) and \
+                    target.pending[target.version].count == self.num_workers:
+                self._apply(target, target.pending.pop(target.version), lr, self.num_workers)
+                self._count_update(target)
+
+    @staticmethod
+    def _count_update(target):
+        target.version += 1
+        for key in target.members:
+            key.version = target.version
 
     def _apply(self, key, accumulator, lr, divisor):
         """Run the optimizer rule on the chunk with the mean gradient."""
@@ -411,8 +528,8 @@ class ServerState:
             raise RequestError(f"{message.op}: clock {message.meta.get('clock')!r} must be an int")
         keys = self._keys(message)
         if message.op == "pull":
-            for index, key in enumerate(keys):
-                self._row_pairs(key, message, index, "pull", with_values=False)
+            for key, payloads in zip(keys, _by_key(message)):
+                self._row_pairs(key, payloads, "pull", with_values=False)
         return keys
 
     def _ready(self, message, keys):
@@ -442,26 +559,53 @@ class ServerState:
         # needs every worker's next push, which each sends only after its pull arrived.
         # Async/ssp updates can come at any time, so they send a snapshot.
         snapshot = self.config["mode"] != "sync"
+        requested = _by_key(message) if message.op == "pull" else None
         payloads = []
-        for index, key in enumerate(keys):
-            rows = [p.array for p in message.payloads if p.key == index and p.kind == "rows"] \
-                if message.op == "pull" else []
-            if rows:
-                local = np.concatenate(rows) - key.chunk.row_start
-                values = key.param[local]
-                global_rows = local + key.chunk.row_start
-                rows_per_frame = max(1, protocol.FRAME_BYTES // max(1, values[:1].nbytes))
-                for s in range(0, len(local), rows_per_frame):
-                    payloads.append(Payload(index, "rows", s, global_rows[s:s + rows_per_frame]))
-                    payloads.append(Payload(index, "values", s, values[s:s + rows_per_frame]))
-                continue
-            flat = key.param.reshape(-1)
-            if snapshot:
-                flat = flat.copy()
-            for offset, piece in protocol.split_frames(flat):
-                payloads.append(Payload(index, "dense", key.chunk.start + offset, piece))
+        index = 0
+        while index < len(keys):
+            key = keys[index]
+            rows = [p.array for p in requested[index] if p.kind == "rows"] if requested else []
+            group = key.group
+            if group is not None and not rows and \
+                    tuple(keys[index:index + len(group.members)]) == group.members:
+                # The whole group asked for in packed order (a bucket): answer in one frame.
+                spans = [(index + i, member.chunk.start, member.param.size)
+                         for i, member in enumerate(group.members)]
+                payloads.append(Payload(index, "packed", 0,
+                                        group.param.copy() if snapshot else group.param, spans))
+                index += len(spans)
+            else:
+                payloads += _key_reply(index, key, rows, snapshot)
+                index += 1
         return Message("reply", message.id, self.sender, message.keys, payloads,
                        meta={"versions": [key.version for key in keys]})
+
+
+def _key_reply(index, key, rows, snapshot):
+    """The payloads answering a pull of one chunk: the asked-for rows, or all of it."""
+    if rows:
+        local = np.concatenate(rows) - key.chunk.row_start
+        values = key.param[local]
+        global_rows = local + key.chunk.row_start
+        rows_per_frame = max(1, protocol.FRAME_BYTES // max(1, values[:1].nbytes))
+        payloads = []
+        for s in range(0, len(local), rows_per_frame):
+            payloads.append(Payload(index, "rows", s, global_rows[s:s + rows_per_frame]))
+            payloads.append(Payload(index, "values", s, values[s:s + rows_per_frame]))
+        return payloads
+    flat = key.param.reshape(-1)
+    if snapshot:
+        flat = flat.copy()
+    return [Payload(index, "dense", key.chunk.start + offset, piece)
+            for offset, piece in protocol.split_frames(flat)]
+
+
+def _by_key(message):
+    """The message's payloads as one list per key (a packed one under its first key)."""
+    lists = [[] for _ in message.keys]
+    for payload in message.payloads:
+        lists[payload.key].append(payload)
+    return lists
 
 
 _rejected = 0
