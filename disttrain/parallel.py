@@ -65,6 +65,8 @@ class DataParallel:
     finishes them; one parameter group) go out as one pushpull message per server, the
     moment the last of their gradients is ready, and its reply brings their weights of the
     next clock: one message per bucket and step instead of a push and a pull per parameter.
+    Its small gradients travel packed in one frame, and the server updates them with one
+    optimizer call (see ``ps.server.Group``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
     """

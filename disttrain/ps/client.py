@@ -270,15 +270,16 @@ def _payloads(entries):
     """The payloads of one message: one per piece, except that consecutive chunks sent whole
     in one small piece each (a bucket of small gradients) travel packed in one frame of at
     most FRAME_BYTES, which a server updates with one optimizer call (see server.Group)."""
-    payloads, run = [], []
-    for index, (_, chunk, pieces, nbytes) in enumerate(entries):
+    payloads, run, run_bytes = [], [], 0
+    for index, (_, _, pieces, nbytes) in enumerate(entries):
         whole = len(pieces) == 1 and pieces[0][0] == "dense" and nbytes < protocol.FRAME_BYTES
         if run and not (whole and pieces[0][2].dtype == run[0][2].dtype and
-                        sum(piece.nbytes for _, _, piece in run) + nbytes <= protocol.FRAME_BYTES):
+                        run_bytes + nbytes <= protocol.FRAME_BYTES):
             payloads += _packed(run)
-            run = []
+            run, run_bytes = [], 0
         if whole:
             run.append((index, pieces[0][1], pieces[0][2]))
+            run_bytes += nbytes
         else:
             payloads += [Payload(index, kind, start, array) for kind, start, array in pieces]
     return payloads + _packed(run)
