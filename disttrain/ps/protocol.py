@@ -190,8 +190,9 @@ def _decode_spans(spans, array, key, num_keys, index):
                                 f"{num_keys}, start >= 0, size >= 0])")
         total += size
     if total != array.size or spans[0][0] != key:
-        raise ProtocolError(f"payload {index}: spans {spans} must start at the payload's key "
-                            f"{key} and cover its {array.size} elements")
+        raise ProtocolError(f"payload {index}: spans (first {spans[0]}, covering {total}) must "
+                            f"start at the payload's key {key} and cover its {array.size} "
+                            f"elements")
     return spans
 
 
