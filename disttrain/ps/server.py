@@ -70,8 +70,16 @@ def chunk_layout(name, shape, dtype, num_servers):
             for i in range(pieces)]
 
 
+class _Updated:
+    """A target of updates, a KeyChunk or a Group: ServerState._push, _apply and Accumulator
+    use its `param`, `state`, `sparse`, `spare`, `pending`, `version`, `members` and this."""
+
+    def take_buffer(self):
+        return self.spare.pop() if self.spare else np.empty_like(self.param)
+
+
 @dataclass(eq=False)
-class KeyChunk:
+class KeyChunk(_Updated):
     """One server's chunk of one key: its weights, optimizer state and clocks."""
     name: str
     shape: tuple
@@ -91,12 +99,9 @@ class KeyChunk:
     def members(self):
         return (self,)
 
-    def take_buffer(self):
-        return self.spare.pop() if self.spare else np.empty_like(self.param)
-
 
 @dataclass(eq=False)
-class Group:
+class Group(_Updated):
     """Small dense chunks that workers push packed in one frame, in that order (a
     DataParallel bucket), stored back to back: one optimizer call updates them all and one
     frame answers their pull. To the rest of the server it looks like one flat key; each
@@ -118,9 +123,6 @@ class Group:
     pending: dict = field(default_factory=dict)
     spare: list = field(default_factory=list)
     sparse = False
-
-    def take_buffer(self):
-        return self.spare.pop() if self.spare else np.empty_like(self.param)
 
 
 class Accumulator:
