@@ -234,7 +234,7 @@ def report(args, samples):
     and their median, which is the figure to quote (a best-of-rounds ratio can pair one
     run's lucky round with the other's unlucky one)."""
     ours_1, ours_2, ours_free, torch_1, torch_2, torch_free = samples.values()
-    ratios = {   # JSON name (or None): (label, per-round ratios)
+    ratios = {   # JSON name: (label, per-round ratios)
         "vs_ceiling": ("disttrain 2 workers / 2 independent", paired(ours_2, ours_free)),
         "scaling_2w": ("disttrain 2 workers / 2x 1 worker", paired(ours_2, [2 * v for v in ours_1])),
         "ddp_vs_ceiling": ("DDP 2 processes / 2 independent", paired(torch_2, torch_free)),
@@ -263,6 +263,7 @@ def report(args, samples):
                       "vs_ceiling_rounds": [round(r, 3) for r in ratios["vs_ceiling"][1]],
                       "vs_ceiling_best_rounds": round(b[1] / b[2], 3),
                       "samples_per_s": {name: round(value, 1) for name, value in best.items()}}))
+
 
 if __name__ == "__main__":
     main()

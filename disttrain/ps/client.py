@@ -129,7 +129,7 @@ class KVStore:
 
     def _empty_entries(self, name, entries):
         """A chunk named with no payload: a dense pull, or a push with no gradient."""
-        self._spec(name)
+        self._spec(name)   # an undeclared name fails here, with the declared ones listed
         for chunk, _, nbytes in self.frames[name]:
             entries.append((name, chunk, [], nbytes))
 
