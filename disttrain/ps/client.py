@@ -85,10 +85,9 @@ class KVStore:
         self.specs[name] = (shape, dtype, sparse, chunks)
         # Where each chunk's dense frames start and stop, worked out once: every push of
         # the key cuts its array the same way (a per-push split cost ~4 us a key).
-        step = max(1, protocol.FRAME_BYTES // dtype.itemsize)
         self.frames[name] = [
-            (chunk, [(start, min(start + step, chunk.stop))
-                     for start in range(chunk.start, chunk.stop, step)] or [(chunk.start, chunk.start)],
+            (chunk, [(chunk.start + start, chunk.start + stop) for start, stop in
+                     protocol.frame_bounds(chunk.stop - chunk.start, dtype.itemsize)],
              (chunk.stop - chunk.start) * dtype.itemsize)
             for chunk in chunks]
 

@@ -65,13 +65,17 @@ class Message:
     meta: dict = field(default_factory=dict)
 
 
+def frame_bounds(size, itemsize, frame_bytes=FRAME_BYTES):
+    """The (start, stop) element ranges that cut `size` elements into frames of at most
+    frame_bytes each; one empty range when size is 0 (an empty key still sends a frame)."""
+    step = max(1, frame_bytes // max(1, itemsize))
+    return [(start, min(start + step, size)) for start in range(0, size, step)] or [(0, 0)]
+
+
 def split_frames(flat, frame_bytes=FRAME_BYTES):
     """Yield (start, piece) views of a 1-D array, each at most frame_bytes long."""
-    step = max(1, frame_bytes // max(1, flat.itemsize))
-    for start in range(0, flat.size, step):
-        yield start, flat[start:start + step]
-    if flat.size == 0:
-        yield 0, flat
+    for start, stop in frame_bounds(flat.size, flat.itemsize, frame_bytes):
+        yield start, flat[start:stop]
 
 
 def encode(message):
