@@ -3,10 +3,14 @@ trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter serve
 import atexit
 import os
 import sys
+import time
 
 import numpy as np
 
 from disttrain import backend
+from disttrain.observe import channel, server as observe_server
+from disttrain.observe.steps import StepTimer
+from disttrain.observe.trace import Tracer
 from disttrain.ps import client, scheduler, server
 
 _failed = False  # set when the program dies of an uncaught exception
@@ -88,6 +92,7 @@ class DataParallel:
             raise RuntimeError(f"DataParallel runs in worker programs, but DISTTRAIN_ROLE={role!r}")
         self.is_distributed = role == "worker"
         self._closed = False
+        self.timer = StepTimer()   # the time split of each step (disttrain.observe.steps)
         if self.is_distributed:
             self._connect()
 
@@ -100,6 +105,8 @@ class DataParallel:
             self.rank, self.num_workers = self._membership.rank, len(book["worker"])
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
+            self.timer = StepTimer(self.rank, Tracer(self._membership.clock)
+                                   if channel.wanted("trace") else None, self._store)
             self._params = dict(self.model.named_parameters())
             self._lr_group = {id(p): i for i, g in enumerate(self.optimizer.param_groups)
                               for p in g["params"]}
@@ -109,8 +116,10 @@ class DataParallel:
             for name, p in self._params.items():
                 self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
             if self.rank == 0:
+                metrics_dir = observe_server.metrics_dir_from_env()
                 self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
-                                 self.optimizer.config(), self.mode, self.staleness)
+                                 self.optimizer.config(), self.mode, self.staleness,
+                                 {"metrics_dir": metrics_dir} if metrics_dir else None)
             self._membership.barrier("worker")
             self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
@@ -180,8 +189,13 @@ class DataParallel:
     def _pull(self, names, rows=None):
         """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
         outs = {name: _pull_target(self._params[name].data) for name in names}
-        self._store.pull_async(outs, self.clock, rows).wait()
+        started = time.perf_counter()
+        handle = self._store.pull_async(outs, self.clock, rows)
+        handle.wait()
+        waited = time.perf_counter()
+        self.timer.waited(started, waited, [handle])
         self._store_pulled(outs)
+        self.timer.add("apply", waited, time.perf_counter())
 
     def _store_pulled(self, outs):
         for name, out in outs.items():
@@ -193,15 +207,17 @@ class DataParallel:
         """Send a bucket's gradients. A dense bucket's message asks for the weights of the
         next clock too (pushpull: one message per bucket and step, not two); the reply is
         written into the pull targets when step() waits for it."""
+        started = time.perf_counter()
         bucket.pushed = True
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
         if bucket.names[0] in self._sparse:   # its rows are pulled by the next forward
             self._pending.append(self._store.push_async(bucket.gradients(), self.clock, lr))
-            return
-        targets = bucket.pull_targets()
-        self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
-                                                        self.clock, lr))
-        self._pulled.append(targets)
+        else:
+            targets = bucket.pull_targets()
+            self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
+                                                            self.clock, lr))
+            self._pulled.append(targets)
+        self.timer.add("push", started, time.perf_counter())
 
     def _on_grad_ready(self, tensor):
         bucket = self._bucket_of[id(tensor)]
@@ -219,8 +235,12 @@ class DataParallel:
         self.optimizer.zero_grad()
 
     def step(self):
+        self.timer.step_entered()
         if not self.is_distributed:
-            return self.optimizer.step()
+            started = time.perf_counter()
+            self.optimizer.step()
+            self.timer.add("apply", started, time.perf_counter())
+            return self.timer.step_done()
         # Buckets with no gradient this step still send an empty push: sync servers count N.
         for bucket in self._buckets:
             if not bucket.pushed:
@@ -230,10 +250,15 @@ class DataParallel:
         pending, self._pending = self._pending, []
         pulled, self._pulled = self._pulled, []
         self.clock += 1
+        started = time.perf_counter()
         for handle in pending:
             handle.wait()
+        waited = time.perf_counter()
+        self.timer.waited(started, waited, pending)
         for targets in pulled:
             self._store_pulled(targets)
+        self.timer.add("apply", waited, time.perf_counter())
+        self.timer.step_done()
 
     def close(self):
         """Say goodbye to the scheduler (the job ends once every worker has). Called at
@@ -252,6 +277,7 @@ class DataParallel:
                 self._membership.goodbye()
         finally:
             self._closed = True
+            self.timer.close()
             self._store.close()
             self._membership.close()
 

@@ -51,7 +51,7 @@ def main(argv=None):
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
         first = harness.resume(checkpoint, schedule)
         last = harness.total_steps(loader, args)
-        progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
+        monitor = harness.Monitor(args, trainer, last, f"linreg rank {trainer.rank}")
         losses, start = [], time.perf_counter()
         for step, (xb, yb) in harness.batches(loader, first, last):
             loss = F.mse_loss(model(harness.on_device(xb, args)), harness.on_device(yb, args))
@@ -60,8 +60,8 @@ def main(argv=None):
             trainer.step()
             schedule.step()
             losses.append(loss.item())
-            progress.update(step + 1, len(xb), loss=np.mean(losses[-20:]))
-        progress.close()
+            monitor.step(step + 1, losses[-1], len(xb), shown_loss=np.mean(losses[-20:]))
+        monitor.close()
         wall = time.perf_counter() - start
         harness.save_checkpoint(args, model, optimizer, schedule, last, trainer)
 

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+from disttrain.observe.trace import ClockOffset
 from disttrain.ps import protocol, transport
 from disttrain.ps.protocol import Message
 
@@ -51,13 +52,13 @@ class Scheduler:
         node = self.nodes.get(message.meta.get("node"))
         if node is None and message.op == "heartbeat":
             # The heartbeat thread starts before registration is answered.
-            return self.listener.send(identity, Message("reply", message.id, "scheduler"))
+            return self.listener.send(identity, _heartbeat_reply(message))
         if node is None:
             return self._error(identity, message, f"{message.op} from unregistered node "
                                                   f"{message.meta.get('node')!r}")
         node["last_seen"] = time.monotonic()
         if message.op == "heartbeat":
-            self.listener.send(identity, Message("reply", message.id, "scheduler"))
+            self.listener.send(identity, _heartbeat_reply(message))
         elif message.op == "barrier":
             self._barrier(identity, message)
         elif message.op == "goodbye":
@@ -178,6 +179,14 @@ class Scheduler:
             self.listener.close(linger_ms=2000)
 
 
+def _heartbeat_reply(message):
+    """The answer to a heartbeat carries our clock and echoes the sender's: the node
+    measures its offset to this clock from it (timelines of several hosts line up)."""
+    sent = message.meta.get("sent")
+    return Message("reply", message.id, "scheduler", meta={
+        "time": time.time(), "sent": sent if isinstance(sent, float) else None})
+
+
 class Membership:
     """A server's or worker's link to the scheduler: register, barrier, goodbye from the
     calling thread; heartbeats and dead-peer notices on a background thread with its own
@@ -197,6 +206,7 @@ class Membership:
         self._stop = threading.Event()
         self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
         self._beats = None
+        self.clock = ClockOffset()   # the scheduler's clock minus ours, from heartbeats
 
     @classmethod
     def from_env(cls, role, **kwargs):
@@ -248,13 +258,16 @@ class Membership:
         try:
             while not self._stop.is_set():
                 connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
-                                        meta={"node": self.node_id}))
+                                        meta={"node": self.node_id, "sent": time.time()}))
                 next_beat = time.monotonic() + interval
                 while time.monotonic() < next_beat and not self._stop.is_set():
                     notice = connection.receive(50)
                     if notice is None:
                         continue
                     last_answer = time.monotonic()
+                    if notice.op == "reply" and isinstance(notice.meta.get("time"), float) \
+                            and isinstance(notice.meta.get("sent"), float):
+                        self.clock.sample(notice.meta["sent"], time.time(), notice.meta["time"])
                     if notice.op == "dead":
                         return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
                     if notice.op == "shutdown":

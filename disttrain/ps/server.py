@@ -3,12 +3,14 @@ async / ssp, optimizer updates) that never touches a socket; `serve()` wires it 
 import os
 import signal
 import sys
+import time
 import traceback
 import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
 from disttrain.ps import protocol, transport
@@ -627,10 +629,12 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
     shutdown (return 0) or reports a dead peer (return 1)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     listener = transport.Listener(host, max_message_bytes)
+    observer = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=_env_rank())
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        observer = ServerObserver(membership.rank, state, membership.clock)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
@@ -642,20 +646,25 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                     error.request_id, state.sender, str(error)))
                 continue
             if received is None:
+                observer.idle()
                 continue
             identity, message = received
+            started = time.perf_counter()
             try:
                 replies = state.handle(identity, message)
             except Exception as error:  # a bug must not take the job down silently
                 traceback.print_exc()
                 replies = [(identity, protocol.error_reply(
                     message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
+            observer.handled(message, replies, started)
             for route, reply in replies:
                 if reply.op == "error":
                     _log_rejected(reply.meta["error"])
                 listener.send(route, reply)
         return 0
     finally:
+        if observer is not None:
+            observer.close()
         listener.close()
         membership.close()
 
