@@ -143,13 +143,13 @@ class Monitor:
         self.loss_log.write(step, loss)
         self.progress.update(step, samples, loss=loss if shown_loss is None else shown_loss)
         if self.file is not None or self.board is not None:
-            record = {"step": step, "time": round(time.time(), 4), "loss": loss,
+            # DataParallel's split of the step: compute_s + push_s + pull_s + apply_s, and
+            # step_s, measured from the end of the previous step() to the end of this one.
+            split = self.trainer.timer.last or {"step_s": step_s}
+            record = {"step": step, "time": round(time.time(), 6), "loss": loss,
                       "lr": self.trainer.optimizer.param_groups[0]["lr"],
-                      "samples_per_s": samples / step_s if step_s > 0 else None,
-                      "step_s": step_s, **values}
-            # compute_s + push_s + pull_s + apply_s: DataParallel's split of the same step
-            split = self.trainer.timer.last or {}
-            record.update({name: value for name, value in split.items() if name != "step_s"})
+                      "samples_per_s": samples / split["step_s"] if split["step_s"] > 0 else None,
+                      **values, **split}
             if self.file is not None:
                 self.file.write(record)
             if self.board is not None:

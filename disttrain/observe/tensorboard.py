@@ -80,4 +80,6 @@ class Board:
     def close(self):
         if self.count:
             self.flush(self.last_step)
+        elif self.count == 0 and hasattr(self, "last_step"):
+            self._server_lines(self.last_step)   # the servers' last lines, written since
         self.writer.close()
