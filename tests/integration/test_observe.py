@@ -106,11 +106,17 @@ def spans_nest(spans):
     return True
 
 
+def timeline_tracks(path):
+    """{pid: process name} of a timeline file."""
+    trace = json.loads(path.read_text())
+    return {event["pid"]: event["args"]["name"] for event in trace["traceEvents"]
+            if event["ph"] == "M" and event["name"] == "process_name"}
+
+
 def test_the_timeline_has_one_track_per_process_and_nested_spans(all_on):
     directory, run = all_on
     trace = json.loads((directory / "timeline.json").read_text())
-    names = {event["pid"]: event["args"]["name"] for event in trace["traceEvents"]
-             if event["ph"] == "M" and event["name"] == "process_name"}
+    names = timeline_tracks(directory / "timeline.json")
     assert sorted(names.values()) == ["server 0", "worker 0", "worker 1"]
     for pid, name in names.items():
         spans = [event for event in trace["traceEvents"] if event["pid"] == pid and event["ph"] == "X"]
