@@ -42,11 +42,13 @@ def running_mean(values, window):
 
 
 def per_second(times, values):
-    """Sums of `values` in one-second bins since the first time: (bin starts, sums)."""
+    """Sums of `values` in one-second bins since the first time: (bin middles, sums). The
+    last bin, cut short by the end of the run, is left out when there are others."""
     times = np.asarray(times) - times[0]
-    bins = np.floor(times).astype(int)
-    sums = np.bincount(bins, weights=values)
-    return np.arange(len(sums)), sums
+    sums = np.bincount(np.floor(times).astype(int), weights=values)
+    if len(sums) > 1:
+        sums = sums[:-1]
+    return np.arange(len(sums)) + 0.5, sums
 
 
 def draw(directory, output, smooth=20):
@@ -88,7 +90,7 @@ def draw(directory, output, smooth=20):
     if servers:
         traffic_axes = speed_axes.twinx()
         for rank, lines in servers.items():
-            seconds = [line["time"] - start for line in lines]
+            seconds = [line["time"] - line["interval_s"] / 2 - start for line in lines]
             traffic = [(line["bytes_in"] + line["bytes_out"]) / line["interval_s"] / 1e6 for line in lines]
             traffic_axes.plot(seconds, traffic, "--", color="gray", label=f"server {rank} in+out")
         traffic_axes.set_ylabel("server MB/s (dashed)")
