@@ -10,6 +10,7 @@ table's best-of-rounds figures are shown too, but their ratio can pair one run's
 with another's unlucky one (two consecutive runs here gave 0.90 and 0.99 that way).
 
     python scripts/bench_scaling.py [--steps 300] [--batch-size 64] [--repeats 5] [--no-bind]
+    python scripts/bench_scaling.py --observe     # the cost of --metrics-dir, --tensorboard, --timeline
 
 By default every run pins its k-th process to the k-th core: ours through `launch --bind`
 (which also runs the server at real-time priority where permitted), PyTorch's processes
@@ -23,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,13 +64,42 @@ def mnist_flags(args):
             "--no-progress"]
 
 
-def ours_launched(workers, args):
-    """Total samples/s of `workers` workers (+ scheduler and one server) via the launcher."""
+def ours_launched(workers, args, observe_dir=None):
+    """Total samples/s of `workers` workers (+ scheduler and one server) via the launcher;
+    with observe_dir, with every observer on (metrics files, TensorBoard, timeline) there."""
     argv = [sys.executable, "-m", "launch", "-n", str(workers), "-s", "1"]
     if args.bind:
         argv.append("--bind")
-    stdout = run(argv + ["--", sys.executable, MNIST] + mnist_flags(args), clean_env())
+    flags = mnist_flags(args)
+    if observe_dir:
+        argv += ["--timeline", os.path.join(observe_dir, "timeline.json")]
+        flags += ["--metrics-dir", os.path.join(observe_dir, "metrics"),
+                  "--tensorboard", os.path.join(observe_dir, "tensorboard")]
+    stdout = run(argv + ["--", sys.executable, MNIST] + flags, clean_env())
     return last_json(stdout, "[worker 0] ")["samples_per_s"]
+
+
+def observe_overhead(args):
+    """The same 2-worker run with every observer on and off, in pairs back to back (order
+    alternating): the median of the paired ratios is `observe_ratio` (target >= 0.97)."""
+    on, off = [], []
+    with tempfile.TemporaryDirectory(prefix="bench-observe-") as scratch:
+        for round_index in range(args.repeats):
+            directory = os.path.join(scratch, str(round_index))
+            pair = [lambda: off.append(ours_launched(2, args)),
+                    lambda: on.append(ours_launched(2, args, directory))]
+            for measure in (pair if round_index % 2 == 0 else pair[::-1]):
+                measure()
+    ratios = paired(on, off)
+    print(f"LeNet-5 on MNIST, 2 workers, 1 server, batch {args.batch_size}, {args.steps} steps, "
+          f"{len(os.sched_getaffinity(0))} cores, {args.repeats} rounds")
+    print(f"{'observers off, samples/s':32s} " + " ".join(f"{value:.0f}" for value in off))
+    print(f"{'observers on, samples/s':32s} " + " ".join(f"{value:.0f}" for value in on))
+    print(f"{'on / off, per round':32s} " + " ".join(f"{ratio:.3f}" for ratio in ratios))
+    print(json.dumps({"observe_ratio": round(statistics.median(ratios), 3),
+                      "observe_ratio_rounds": [round(ratio, 3) for ratio in ratios],
+                      "samples_per_s": {"off": [round(v, 1) for v in off],
+                                        "on": [round(v, 1) for v in on]}}))
 
 
 def pinned(index, bind):
@@ -186,6 +217,8 @@ def main():
     parser.add_argument("--no-bind", dest="bind", action="store_false",
                         help="do not pin processes to cores (launch without --bind)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each run keeps its best")
+    parser.add_argument("--observe", action="store_true",
+                        help="measure only the cost of the observers (JSON key observe_ratio)")
     parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-port", help=argparse.SUPPRESS)
@@ -195,6 +228,8 @@ def main():
         return torch_worker(args)
     if not os.path.exists(MNIST):
         sys.exit(f"bench_scaling: {MNIST} does not exist")
+    if args.observe:
+        return observe_overhead(args)
 
     runs = {
         "disttrain, 1 worker (launch)": lambda: ours_launched(1, args),
