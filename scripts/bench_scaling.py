@@ -20,6 +20,7 @@ and the independent ones directly. --no-bind leaves placement to the OS everywhe
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
@@ -79,25 +80,44 @@ def ours_launched(workers, args, observe_dir=None):
     return last_json(stdout, "[worker 0] ")["samples_per_s"]
 
 
+def children_cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def observe_overhead(args):
     """The same 2-worker run with every observer on and off, in pairs back to back (order
-    alternating): the median of the paired ratios is `observe_ratio` (target >= 0.97)."""
-    on, off = [], []
+    alternating): the median of the paired ratios is `observe_ratio` (target >= 0.97).
+    Beside it, the CPU seconds of each whole job (every process, start-up included), which
+    other load on a shared machine moves much less than samples/s."""
+    on, off, cpu_on, cpu_off = [], [], [], []
+
+    def measure(samples, cpu, directory=None):
+        before = children_cpu_s()
+        samples.append(ours_launched(2, args, directory))
+        cpu.append(children_cpu_s() - before)
+
     with tempfile.TemporaryDirectory(prefix="bench-observe-") as scratch:
         for round_index in range(args.repeats):
             directory = os.path.join(scratch, str(round_index))
-            pair = [lambda: off.append(ours_launched(2, args)),
-                    lambda: on.append(ours_launched(2, args, directory))]
-            for measure in (pair if round_index % 2 == 0 else pair[::-1]):
-                measure()
+            pair = [lambda: measure(off, cpu_off), lambda: measure(on, cpu_on, directory)]
+            for run_one in (pair if round_index % 2 == 0 else pair[::-1]):
+                run_one()
     ratios = paired(on, off)
+    cpu_ratios = paired(cpu_off, cpu_on)
     print(f"LeNet-5 on MNIST, 2 workers, 1 server, batch {args.batch_size}, {args.steps} steps, "
           f"{len(os.sched_getaffinity(0))} cores, {args.repeats} rounds")
     print(f"{'observers off, samples/s':32s} " + " ".join(f"{value:.0f}" for value in off))
     print(f"{'observers on, samples/s':32s} " + " ".join(f"{value:.0f}" for value in on))
     print(f"{'on / off, per round':32s} " + " ".join(f"{ratio:.3f}" for ratio in ratios))
+    print(f"{'job CPU s off':32s} " + " ".join(f"{value:.1f}" for value in cpu_off))
+    print(f"{'job CPU s on':32s} " + " ".join(f"{value:.1f}" for value in cpu_on))
+    print(f"observers on / off: {statistics.median(ratios):.3f} of the samples/s (median of "
+          f"{args.repeats} paired rounds), {statistics.median(cpu_ratios):.3f} of the CPU "
+          f"efficiency (off / on CPU seconds of the whole job)")
     print(json.dumps({"observe_ratio": round(statistics.median(ratios), 3),
                       "observe_ratio_rounds": [round(ratio, 3) for ratio in ratios],
+                      "observe_cpu_ratio": round(statistics.median(cpu_ratios), 3),
                       "samples_per_s": {"off": [round(v, 1) for v in off],
                                         "on": [round(v, 1) for v in on]}}))
 
