@@ -189,11 +189,7 @@ class DataParallel:
     def _pull(self, names, rows=None):
         """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
         outs = {name: _pull_target(self._params[name].data) for name in names}
-        started = time.perf_counter()
-        handle = self._store.pull_async(outs, self.clock, rows)
-        handle.wait()
-        waited = time.perf_counter()
-        self.timer.waited(started, waited, [handle])
+        waited = self.timer.wait_for([self._store.pull_async(outs, self.clock, rows)])
         self._store_pulled(outs)
         self.timer.add("apply", waited, time.perf_counter())
 
@@ -212,11 +208,11 @@ class DataParallel:
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
         if bucket.names[0] in self._sparse:   # its rows are pulled by the next forward
             self._pending.append(self._store.push_async(bucket.gradients(), self.clock, lr))
-        else:
-            targets = bucket.pull_targets()
-            self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
-                                                            self.clock, lr))
-            self._pulled.append(targets)
+            return self.timer.add("push", started, time.perf_counter())
+        targets = bucket.pull_targets()
+        self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
+                                                        self.clock, lr))
+        self._pulled.append(targets)
         self.timer.add("push", started, time.perf_counter())
 
     def _on_grad_ready(self, tensor):
@@ -250,11 +246,7 @@ class DataParallel:
         pending, self._pending = self._pending, []
         pulled, self._pulled = self._pulled, []
         self.clock += 1
-        started = time.perf_counter()
-        for handle in pending:
-            handle.wait()
-        waited = time.perf_counter()
-        self.timer.waited(started, waited, pending)
+        waited = self.timer.wait_for(pending)
         for targets in pulled:
             self._store_pulled(targets)
         self.timer.add("apply", waited, time.perf_counter())

@@ -38,6 +38,15 @@ class StepTimer:
         if self.tracer is not None:
             self.tracer.span(phase, start, end)
 
+    def wait_for(self, handles):
+        """Wait for the handles (ps.client.Handle) one by one; returns when done."""
+        start = time.perf_counter()
+        for handle in handles:
+            handle.wait()
+        end = time.perf_counter()
+        self.waited(start, end, handles)
+        return end
+
     def waited(self, start, end, handles):
         """Time blocked on replies: what their callbacks spent writing weights is apply."""
         applied = 0.0
