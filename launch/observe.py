@@ -7,8 +7,11 @@ import json
 
 from disttrain.observe import channel
 
-# A worker that was last at more than this share of the clocks is named the straggler.
-STRAGGLER_SHARE = 0.5
+
+def straggler_share(workers):
+    """Being last at more than this share of the clocks names a worker the straggler:
+    halfway between its fair share (1/N) and every clock."""
+    return (1 + 1 / workers) / 2
 
 
 class Collector:
@@ -89,7 +92,7 @@ def straggler_lines(reports):
         if clocks and len(workers) > 1:
             share = last.get(rank, 0) / clocks
             line += f", last at {100 * share:.0f}% of {clocks // servers} clocks"
-            if share > STRAGGLER_SHARE:
+            if share > straggler_share(len(workers)):
                 line += "  <- straggler"
         lines.append(line)
     return lines
