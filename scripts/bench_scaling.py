@@ -80,6 +80,90 @@ def ours_launched(workers, args, observe_dir=None):
     return last_json(stdout, "[worker 0] ")["samples_per_s"]
 
 
+def observer_cost(rounds=5, steps=40):
+    """CPU seconds of the observers' work per step (a worker's metrics line, TensorBoard
+    means, six trace spans, and the server's bookkeeping of the two requests of a 2-worker
+    LeNet step), against one local LeNet step (forward, backward, SGD) of this process;
+    measured alternately, in rounds. Returns (step s, observers s, their ratio) medians."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import disttrain as dt
+    from disttrain.nn import functional as F
+    from disttrain.observe import jsonl, tensorboard, trace
+    from disttrain.observe.server import ServerObserver
+    from disttrain.ps.protocol import Message, Payload
+    sys.path.insert(0, os.path.join(ROOT, "workers"))
+    import mnist
+
+    model = mnist.lenet()
+    optimizer = dt.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = dt.tensor(rng.standard_normal((64, 1, 28, 28)).astype(np.float32))
+    y = rng.integers(0, 10, 64)
+
+    def train_step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    weights = np.zeros(61706, np.float32)   # LeNet's parameters, one packed frame
+    request = Message("pushpull", 1, "worker-0", ["p"] * 10, [Payload(0, "dense", 0, weights)],
+                      {"clock": 0, "rank": 0, "lr": 0.01})
+    replies = [(b"worker-0", Message("reply", 1, "server-0", ["p"] * 10,
+                                     [Payload(0, "dense", 0, weights)]))]
+    record = {"step": 0, "time": 0.0, "loss": 0.5, "lr": 0.01, "samples_per_s": 3000.0,
+              "accuracy": 0.5, "compute_s": 0.01, "push_s": 0.001, "pull_s": 0.002,
+              "apply_s": 0.0001, "step_s": 0.0131, "bytes_sent": 246824, "bytes_received": 246824}
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryDirectory(prefix="bench-observe-") as scratch:
+        lines = jsonl.JsonLines(os.path.join(scratch, "worker-0.jsonl"))
+        board = tensorboard.Board(os.path.join(scratch, "tb"), 10, scratch)
+        tracer = trace.Tracer()
+        os.environ["DISTTRAIN_METRICS_DIR"] = scratch
+        server = ServerObserver(0, SimpleNamespace(keys={("p", 0): None}, num_workers=2,
+                                                   waiting_pulls=[]))
+        clock = [0]
+
+        def observe_step():
+            record["step"] = record["step"] + 1
+            record["time"] = time.time()
+            lines.write(record)
+            board.step(record)
+            now = time.perf_counter()
+            for name in ("push", "pull wait", "apply", "apply", "compute", "step"):
+                tracer.span(name, now, now)
+            for rank in (0, 1):
+                request.meta.update(clock=clock[0], rank=rank)
+                server.handled(request, replies, now)
+            clock[0] += 1
+
+        def cpu_per_step(work):
+            start = time.process_time()
+            for _ in range(steps):
+                work()
+            return (time.process_time() - start) / steps
+
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)   # the trace batches would go to the launcher
+        try:
+            train_step()
+            step_s, observe_s = [], []
+            for _ in range(rounds):
+                step_s.append(cpu_per_step(train_step))
+                observe_s.append(cpu_per_step(observe_step))
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(null)
+            lines.close()
+            board.close()
+            del os.environ["DISTTRAIN_METRICS_DIR"]
+    step, observers = statistics.median(step_s), statistics.median(observe_s)
+    return step, observers, step / (step + observers)
+
+
 def children_cpu_s():
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     return usage.ru_utime + usage.ru_stime
@@ -105,6 +189,7 @@ def observe_overhead(args):
                 run_one()
     ratios = paired(on, off)
     cpu_ratios = paired(cpu_off, cpu_on)
+    step_cpu, observers_cpu, cost_ratio = observer_cost()
     print(f"LeNet-5 on MNIST, 2 workers, 1 server, batch {args.batch_size}, {args.steps} steps, "
           f"{len(os.sched_getaffinity(0))} cores, {args.repeats} rounds")
     print(f"{'observers off, samples/s':32s} " + " ".join(f"{value:.0f}" for value in off))
@@ -115,7 +200,11 @@ def observe_overhead(args):
     print(f"observers on / off: {statistics.median(ratios):.3f} of the samples/s (median of "
           f"{args.repeats} paired rounds), {statistics.median(cpu_ratios):.3f} of the CPU "
           f"efficiency (off / on CPU seconds of the whole job)")
+    print(f"observers' CPU per step {1e6 * observers_cpu:.0f} us against a local LeNet step's "
+          f"{1e3 * step_cpu:.1f} ms: {cost_ratio:.3f} of the speed if nothing else moved")
     print(json.dumps({"observe_ratio": round(statistics.median(ratios), 3),
+                      "observe_cost_ratio": round(cost_ratio, 4),
+                      "observe_cost_us_per_step": round(1e6 * observers_cpu, 1),
                       "observe_ratio_rounds": [round(ratio, 3) for ratio in ratios],
                       "observe_cpu_ratio": round(statistics.median(cpu_ratios), 3),
                       "samples_per_s": {"off": [round(v, 1) for v in off],
