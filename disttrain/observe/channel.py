@@ -20,11 +20,13 @@ def wanted(what):
 def send(kind, payload):
     """One marked line on stderr, written in one piece after whatever the program printed."""
     line = MARKER + json.dumps(dict(payload, kind=kind), separators=(",", ":")).encode() + b"\n"
-    sys.stderr.flush()
-    view = memoryview(line)
-    while view:
-        written = os.write(2, view)
-        view = view[written:]
+    try:
+        sys.stderr.flush()
+        view = memoryview(line)
+        while view:
+            view = view[os.write(2, view):]
+    except OSError:   # stderr closed, or its reader gone: observing must not end the run
+        pass
 
 
 def parse(line):

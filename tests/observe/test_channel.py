@@ -24,3 +24,10 @@ def test_wanted_reads_the_list_the_launcher_set(monkeypatch):
     assert not channel.wanted("trace")
     monkeypatch.delenv("DISTTRAIN_OBSERVE")
     assert not channel.wanted("report")
+
+
+def test_sending_to_a_closed_stderr_does_not_end_the_program(monkeypatch):
+    def broken(fd, data):
+        raise BrokenPipeError(32, "Broken pipe")
+    monkeypatch.setattr(channel.os, "write", broken)
+    channel.send("report", {"rank": 0})   # nothing raised
