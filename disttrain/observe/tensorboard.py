@@ -44,7 +44,7 @@ class Board:
     def __init__(self, run_dir, every=10, server_dir=None):
         self.writer = require()(run_dir)
         self.every, self.server_dir = max(1, every), server_dir
-        self.sums, self.count = {}, 0
+        self.sums, self.count, self.last_step = {}, 0, None
         self.server_offsets = {}     # server metrics file -> bytes read so far
 
     def step(self, record):
@@ -89,6 +89,6 @@ class Board:
     def close(self):
         if self.count:
             self.flush(self.last_step)
-        elif self.count == 0 and hasattr(self, "last_step"):
+        elif self.last_step is not None:
             self._server_lines(self.last_step)   # the servers' last lines, written since
         self.writer.close()
