@@ -58,7 +58,24 @@ def _folded_bias(mode, bias_ih, bias_hh):
     return bias_ih if mode == "GRU" else bias_ih + bias_hh
 
 
-class RNNBase(Module):
+class _Recurrent(Module):
+    """What the sequence layers and the cells share: PyTorch's initialisation."""
+
+    def reset_parameters(self):
+        """Every weight and bias ~ U(-1/sqrt(hidden_size), 1/sqrt(hidden_size))."""
+        bound = 1 / math.sqrt(self.hidden_size)
+        for parameter in self.parameters():
+            init.uniform_(parameter, -bound, bound)
+
+
+def _elman_mode(owner, nonlinearity):
+    """The mode of an Elman RNN with ``nonlinearity``, or a ValueError naming the choices."""
+    if nonlinearity not in ("tanh", "relu"):
+        raise ValueError(f"{owner}: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+    return "RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU"
+
+
+class RNNBase(_Recurrent):
     """Shared by RNN, LSTM and GRU: the parameters of every layer and direction, and forward()."""
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -87,11 +104,6 @@ class RNNBase(Module):
                     setattr(self, "bias_ih" + suffix, Parameter(_empty(gate_size)))
                     setattr(self, "bias_hh" + suffix, Parameter(_empty(gate_size)))
         self.reset_parameters()
-
-    def reset_parameters(self):
-        bound = 1 / math.sqrt(self.hidden_size)
-        for parameter in self.parameters():
-            init.uniform_(parameter, -bound, bound)
 
     def _initial_state(self, hx, batch, batched, like):
         """hx as a (layers * directions, B, H) tensor; zeros when not given."""
@@ -189,11 +201,9 @@ class RNN(RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNN: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        mode = _elman_mode("RNN", nonlinearity)
         self.nonlinearity = nonlinearity
-        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size,
-                         num_layers, bias, batch_first, dropout, bidirectional)
+        super().__init__(mode, input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional)
 
 
 class LSTM(RNNBase):
@@ -217,7 +227,7 @@ class GRU(RNNBase):
 # --- cells: one time step of the same ops ------------------------------------------------
 
 
-class RNNCellBase(Module):
+class RNNCellBase(_Recurrent):
     def __init__(self, mode, input_size, hidden_size, bias=True):
         super().__init__()
         self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
@@ -231,11 +241,6 @@ class RNNCellBase(Module):
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
         self.reset_parameters()
-
-    def reset_parameters(self):
-        bound = 1 / math.sqrt(self.hidden_size)
-        for parameter in self.parameters():
-            init.uniform_(parameter, -bound, bound)
 
     def _step(self, input, state):
         """Run the layer op for one step: input (B, I) or (I,), state tensors of (B, H) or (H,)."""
@@ -274,10 +279,9 @@ class RNNCell(RNNCellBase):
     """One step of RNN: h' = tanh(x W_ih^T + b_ih + h W_hh^T + b_hh) (or relu)."""
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh"):
-        if nonlinearity not in ("tanh", "relu"):
-            raise ValueError(f"RNNCell: nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        mode = _elman_mode("RNNCell", nonlinearity)
         self.nonlinearity = nonlinearity
-        super().__init__("RNN_TANH" if nonlinearity == "tanh" else "RNN_RELU", input_size, hidden_size, bias)
+        super().__init__(mode, input_size, hidden_size, bias)
 
     def forward(self, input, hx=None):
         return self._step(input, [hx])[0]
