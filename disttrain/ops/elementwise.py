@@ -1,6 +1,7 @@
 """Element-wise arithmetic and activations, each forward followed by its gradient rule."""
 import numpy as np
 
+from disttrain.ops import special
 from disttrain.ops.broadcast import unbroadcast
 from disttrain.ops.operands import as_tensor, binary, xp_of
 from disttrain.tensor import Tensor
@@ -167,13 +168,30 @@ def leaky_relu(x, negative_slope=0.01):
 
 
 _SQRT_2_OVER_PI = np.sqrt(2 / np.pi)
+_SQRT_HALF = np.sqrt(0.5)
+_ONE_OVER_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
 
 
-def gelu(x, approximate="tanh"):
-    """GELU in its tanh form (as GPT-2/BERT code uses): numpy has no vectorised erf."""
-    if approximate != "tanh":
-        raise ValueError(f"gelu: approximate={approximate!r} is not supported; use 'tanh' "
-                         f"(numpy has no vectorised erf for the exact form)")
+def gelu(x, approximate="none"):
+    """x * Phi(x), Phi the standard normal CDF, as PyTorch's gelu: exact by default (Phi from
+    Cody's erfc, see ops/special.py), or its tanh approximation with ``approximate="tanh"``."""
+    if approximate == "tanh":
+        return _gelu_tanh(x)
+    if approximate != "none":
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    xp = xp_of(x)
+    # Phi(x) = erfc(-x / sqrt 2) / 2: no cancellation in 1 + erf(x) for x << 0.
+    cdf = 0.5 * special.erfc(x.data * -x.dtype.type(_SQRT_HALF))
+    out = x.data * cdf
+
+    def backward(g):
+        density = xp.exp(-0.5 * x.data * x.data) * x.dtype.type(_ONE_OVER_SQRT_2PI)
+        return (g * (cdf + x.data * density),)
+    return Tensor.from_op(out, (x,), backward)
+
+
+def _gelu_tanh(x):
+    """GELU's tanh approximation (as GPT-2 and BERT code use it)."""
     xp = xp_of(x)
     c = x.dtype.type(_SQRT_2_OVER_PI)
     inner = c * (x.data + 0.044715 * x.data ** 3)
