@@ -4,7 +4,7 @@ Each is one graph node: the time loop - one ``h @ weight_hh.T`` matmul for all g
 step, then the gate arithmetic - runs in numpy, and the gradient rule is back-propagation
 through time written out by hand. Fused because composing the loop from primitive ops costs
 a graph node per gate operation and a full-size gradient array per ``gates_x[t]`` slice
-(3.5x slower for the char-LSTM shape, see docs/performance.md). The layers in
+(several times slower for the char-LSTM shape, see docs/performance.md). The layers in
 ``disttrain.nn.recurrent`` make the input projection (one big matmul for every step) and call these.
 """
 from disttrain.ops.operands import xp_of
