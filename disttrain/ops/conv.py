@@ -7,6 +7,9 @@ from disttrain.ops.operands import as_tensor, same_kind, xp_of
 from disttrain.tensor import Tensor
 
 
+# --- window helpers: im2col views and their adjoint --------------------------------------
+
+
 def _pair(value, name):
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
@@ -81,6 +84,9 @@ def _check_nchw(name, x):
         raise ValueError(f"{name}: expected an NCHW input of 4 dimensions, got shape {x.shape}")
 
 
+# --- convolution -------------------------------------------------------------------------
+
+
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """2-D cross-correlation like torch.nn.functional.conv2d.
 
@@ -141,6 +147,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return (grad_x, grad_weight) + ((grad_bias,) if bias is not None else ())
     parents = (x, weight) + ((bias,) if bias is not None else ())
     return Tensor.from_op(out.transpose(1, 0, 2, 3), parents, backward)
+
+
+# --- pooling -----------------------------------------------------------------------------
 
 
 def _pool_setup(name, x, kernel_size, stride, padding):

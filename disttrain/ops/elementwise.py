@@ -85,6 +85,9 @@ def abs(x):
     return Tensor.from_op(xp.abs(x.data), (x,), lambda g: (g * xp.sign(x.data),))
 
 
+# --- selection ---------------------------------------------------------------------------
+
+
 def _pick(a, b, a_wins):
     """a where ``a_wins`` else b; the gradient goes to whichever was picked."""
     def backward(g):
@@ -126,6 +129,9 @@ def clip(x, a_min=None, a_max=None):
     if a_max is not None:
         inside &= x.data <= a_max
     return Tensor.from_op(xp.clip(x.data, a_min, a_max), (x,), lambda g: (g * inside,))
+
+
+# --- casts and comparisons (comparisons are not differentiated) --------------------------
 
 
 def astype(x, dtype):

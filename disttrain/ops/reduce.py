@@ -4,6 +4,9 @@ from disttrain.ops.operands import normalize_axis, xp_of
 from disttrain.tensor import Tensor
 
 
+# --- reductions --------------------------------------------------------------------------
+
+
 def _expand(g, shape, axes, keepdims):
     """Reshape a reduced gradient so it broadcasts against the input again."""
     if not keepdims:
@@ -63,6 +66,9 @@ def var(x, axis=None, keepdims=False, ddof=0):
         return (_expand(g, x.shape, axes, keepdims) * (2 / (count - ddof)) * centred,)
     out = (centred * centred).sum(axis=axes, keepdims=keepdims) / (count - ddof)
     return Tensor.from_op(out, (x,), backward)
+
+
+# --- the softmax family ------------------------------------------------------------------
 
 
 def logsumexp(x, axis=None, keepdims=False):

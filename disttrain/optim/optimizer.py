@@ -76,7 +76,7 @@ class Optimizer:
         values = {"lr": float(group["lr"])}
         for key in self.hyper_names:
             value = group[key]
-            if isinstance(value, tuple):  # betas
+            if isinstance(value, (tuple, list)):  # betas
                 values[key] = [float(v) for v in value]
             else:
                 values[key] = value if isinstance(value, bool) else float(value)
