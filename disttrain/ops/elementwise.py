@@ -101,7 +101,7 @@ def maximum(a, b):
 
 
 def minimum(a, b):
-    # Fused: composed as where(a <= b, a, b) it runs np.where's slow select twice (docs/performance.md).
+    # Fused: where(a <= b, a, b) runs np.where's slow select twice (docs/performance.md).
     a, b = binary("minimum", a, b)
     return _pick(a, b, a.data <= b.data)
 
@@ -121,7 +121,7 @@ def where(condition, a, b):
 
 
 def clip(x, a_min=None, a_max=None):
-    # Fused: composed as maximum then minimum it is two nodes and two np.where selects (docs/performance.md).
+    # Fused: maximum then minimum is two nodes and two slow np.where selects (docs/performance.md).
     xp = xp_of(x)
     inside = xp.ones(x.shape, bool)
     if a_min is not None:
@@ -167,7 +167,7 @@ def relu(x):
 
 
 def leaky_relu(x, negative_slope=0.01):
-    # Fused: composed as where(x > 0, x, x * slope) it is three nodes and two np.where selects (docs/performance.md).
+    # Fused: where(x > 0, x, x * slope) is three nodes and two slow np.where selects (docs/performance.md).
     xp = xp_of(x)
     slope = xp.where(x.data > 0, 1, negative_slope).astype(x.dtype)
     return Tensor.from_op(x.data * slope, (x,), lambda g: (g * slope,))
@@ -211,7 +211,7 @@ def _gelu_tanh(x):
 
 
 def softplus(x):
-    # Fused: composed it is slower, loses log1p's accuracy and has slope 0, not 1/2, at 0 (docs/performance.md).
+    # Fused: composed is slower, less exact (no log1p op) and has slope 0, not 1/2, at 0 (docs/performance.md).
     xp = xp_of(x)
     e = xp.exp(-xp.abs(x.data))
     # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): never overflows.
