@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from disttrain import backend
-from disttrain.ps import client, scheduler, server
+from disttrain.ps import client, membership, protocol
 
 _failed = False  # set when the program dies of an uncaught exception
 BUCKET_BYTES = 1 << 20  # about where a message's fixed cost falls below its transfer time
@@ -66,15 +66,15 @@ class DataParallel:
     moment the last of their gradients is ready, and its reply brings their weights of the
     next clock: one message per bucket and step instead of a push and a pull per parameter.
     Its small gradients travel packed in one frame, and the server updates them with one
-    optimizer call (see ``ps.server.Group``); each is still the key of its own name.
+    optimizer call (see ``ps/group.py``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
                  bucket_bytes=BUCKET_BYTES):
-        if mode not in server.MODES:
-            raise ValueError(f"DataParallel: mode {mode!r} is not one of {server.MODES}")
+        if mode not in protocol.MODES:
+            raise ValueError(f"DataParallel: mode {mode!r} is not one of {protocol.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
             raise ValueError(f"DataParallel: staleness {staleness!r} must be an int >= 0")
         if not (isinstance(bucket_bytes, int) and bucket_bytes >= 0):
@@ -93,7 +93,7 @@ class DataParallel:
 
     # --- set-up -----------------------------------------------------------------
     def _connect(self):
-        self._membership = scheduler.Membership.from_env("worker")
+        self._membership = membership.Membership.from_env("worker")
         try:
             rank = os.environ.get("DISTTRAIN_RANK", "")
             book = self._membership.register(rank=int(rank) if rank else None)

@@ -19,7 +19,7 @@ import numpy as np
 # by the rows payload just before it) or "packed": whole chunks of several small keys back to
 # back in one frame, its descriptor listing them as "spans": [[key, start, size], ...] (key
 # index, the chunk's first element in the key, its element count), in frame order. A bucket of
-# small gradients then costs one frame, and a server one optimizer call (see server.Group).
+# small gradients then costs one frame, and a server one optimizer call (see ps/group.py).
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.
@@ -27,6 +27,9 @@ SERVER_OPS = ("init", "push", "pull", "pushpull")
 SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye")
 NOTICE_OPS = ("reply", "error", "dead", "shutdown")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS
+
+# Consistency modes a job's servers run in (init's meta "mode").
+MODES = ("sync", "async", "ssp")
 
 DTYPES = ("float16", "float32", "float64", "int32", "int64")
 KINDS = ("dense", "rows", "values", "packed")
@@ -44,6 +47,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 31
 
 class ProtocolError(ValueError):
     """A received message that breaks the wire format; the text names the problem."""
+
+
+class RequestError(ValueError):
+    """A well-formed message that asks for something invalid; the text goes back to the
+    sender in an error reply."""
 
 
 @dataclass

@@ -54,7 +54,7 @@ def test_bad_settings_exit_non_zero_naming_the_setting(env, message):
 
 def test_a_realtime_server_runs_sched_fifo_or_says_why_not():
     # In a child process: the test runner's own scheduling must not change.
-    code = ("import os; from disttrain.ps import server; ok = server.use_realtime_priority('3'); "
+    code = ("import os; from disttrain.ps import __main__ as ps_main; ok = ps_main.use_realtime_priority(3); "
             "print(ok, os.sched_getscheduler(0) == os.SCHED_FIFO)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
@@ -66,12 +66,12 @@ def test_a_realtime_server_runs_sched_fifo_or_says_why_not():
 
 
 def test_a_refused_realtime_priority_is_reported_and_not_fatal(monkeypatch, capsys):
-    from disttrain.ps import server
+    from disttrain.ps import __main__ as ps_main
 
     def refuse(pid, policy, param):
         raise PermissionError(1, "Operation not permitted")
 
     monkeypatch.setattr(os, "sched_setscheduler", refuse)
-    assert server.use_realtime_priority(0) is False
+    assert ps_main.use_realtime_priority(0) is False
     assert "server 0 keeps normal priority (SCHED_FIFO refused: [Errno 1] Operation not " \
            "permitted)" in capsys.readouterr().err
