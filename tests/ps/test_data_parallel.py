@@ -2,6 +2,8 @@
 and a worker killed mid-run ending the whole job with a named culprit."""
 import os
 import signal
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -68,3 +70,15 @@ def test_killed_worker_is_named_by_every_process_and_the_job_ends(tmp_path):
         for name in ("scheduler", "server0", "worker0"):
             assert codes[name] != 0, f"{name} exited {codes[name]}"
             assert "dead: worker 1 (no heartbeat for" in cluster.read(name), cluster.read(name)
+
+
+def test_a_worker_never_loads_server_or_scheduler_code():
+    # -X importtime lists every module the import loads, one "| name" line each, on stderr.
+    result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import disttrain.parallel"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    loaded = {line.rsplit("|", 1)[1].strip() for line in result.stderr.splitlines()
+              if line.startswith("import time:") and "|" in line}
+    assert "disttrain.ps.client" in loaded and "disttrain.ps.membership" in loaded, loaded
+    assert "disttrain.ps.server" not in loaded
+    assert "disttrain.ps.scheduler" not in loaded
