@@ -1,12 +1,11 @@
 """DataParallel: the one object a worker program wraps its model and optimizer with. Alone it
 trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server."""
 import atexit
-import os
 import sys
 
 import numpy as np
 
-from disttrain import backend
+from disttrain import backend, config
 from disttrain.ps import client, membership, protocol
 
 _failed = False  # set when the program dies of an uncaught exception
@@ -82,22 +81,23 @@ class DataParallel:
         self.model, self.optimizer = model, optimizer
         self.mode, self.staleness, self.overlap = mode, staleness, overlap
         self.bucket_bytes = bucket_bytes
-        self.rank, self.num_workers, self.clock = 0, 1, 0
-        role = os.environ.get("DISTTRAIN_ROLE", "")
-        if role not in ("", "worker"):
-            raise RuntimeError(f"DataParallel runs in worker programs, but DISTTRAIN_ROLE={role!r}")
-        self.is_distributed = role == "worker"
+        self.rank, self.num_workers, self.num_servers, self.clock = 0, 1, 0, 0
+        settings = config.from_env()
+        if settings.role not in (None, "worker"):
+            raise RuntimeError(f"DataParallel runs in worker programs, but "
+                               f"DISTTRAIN_ROLE={settings.role!r}")
+        self.is_distributed = settings.role == "worker"
         self._closed = False
         if self.is_distributed:
-            self._connect()
+            self._connect(settings)
 
     # --- set-up -----------------------------------------------------------------
-    def _connect(self):
-        self._membership = membership.Membership.from_env("worker")
+    def _connect(self, settings):
+        self._membership = membership.Membership.from_config("worker", settings)
         try:
-            rank = os.environ.get("DISTTRAIN_RANK", "")
-            book = self._membership.register(rank=int(rank) if rank else None)
+            book = self._membership.register(rank=settings.rank)
             self.rank, self.num_workers = self._membership.rank, len(book["worker"])
+            self.num_servers = len(book["server"])
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
             self._params = dict(self.model.named_parameters())

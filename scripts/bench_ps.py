@@ -26,6 +26,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from disttrain import backend  # noqa: E402
 from disttrain.ps import client, membership  # noqa: E402
 
 RAW_MESSAGE_BYTES = 1 << 20
@@ -131,6 +132,7 @@ class Job:
         if transport == "tcp":   # without an ipc address the client connects over tcp
             for entry in book["server"]:
                 entry["ipc"] = ""
+        backend.keep_freed_memory()   # as in a worker program: heap pages for received frames
         self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
         self.arrays = {}
 

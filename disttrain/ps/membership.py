@@ -46,10 +46,11 @@ class Membership:
         self._beats = None
 
     @classmethod
-    def from_env(cls, role, **kwargs):
-        return cls(role, os.environ["DISTTRAIN_SCHEDULER"],
-                   heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
-                   timeout=transport.default_timeout(), **kwargs)
+    def from_config(cls, role, settings, **kwargs):
+        """The Membership a job process's config.Config describes."""
+        return cls(role, settings.required("scheduler"),
+                   heartbeat_timeout=settings.heartbeat_timeout, timeout=settings.timeout,
+                   **kwargs)
 
     def check(self):
         if self.dead:

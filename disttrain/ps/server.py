@@ -502,9 +502,9 @@ def _log_rejected(text):
 
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
           rank=None):
-    """A server process's loop: register (asking for `rank`, the launcher's, if given), then
-    answer requests until the scheduler says shutdown (return 0) or reports a dead peer
-    (return 1)."""
+    """A server process's loop: register (asking for `rank`, the launcher's, if given, and
+    advertising `host`, else the address on the route to the scheduler), then answer requests
+    until the scheduler says shutdown (return 0) or reports a dead peer (return 1)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     listener = transport.Listener(host, max_message_bytes)
     try:
