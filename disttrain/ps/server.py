@@ -42,50 +42,108 @@ class KeyChunk:
 
 # What one optimizer call updates: a KeyChunk, or a Group of them stored back to back. Both
 # have the `param`, `state`, `sparse`, `spare`, `pending`, `version` and `members` that
-# ServerState._push, _apply and Accumulator use.
+# ServerState._push, the gradient kinds and Accumulator use.
 UpdateTarget = KeyChunk | groups.Group
 
 
-class Accumulator:
-    """Sum of the gradients pushed for one clock of one chunk. A lone dense push stays as
-    its received pieces (no copy); a second one is summed into a reusable buffer. Sparse
-    rows are kept until the clock is complete."""
+# --- gradients: what a push brings, and how one clock's pushes add up --------------------
+class DenseGradient:
+    """A dense push for one update target, as received: (offset, 1-D piece) pairs that tile
+    it. Its pieces are the received frames; nothing writes to them."""
+    __slots__ = ("pieces",)
 
-    def __init__(self, key):
-        self.key = key
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def add_to(self, accumulator):
+        accumulator.add_dense(self)
+
+    def apply(self, target, rule, hyper, divisor):
+        param = target.param.reshape(-1)
+        step = _slice_elements(param)
+        if divisor == 1 and not target.sparse and _on_slice_grid(self.pieces, step, param.size):
+            # One push whose frames are the update slices: run the rule on the received
+            # buffers directly (rules never write to their gradient).
+            for offset, piece in self.pieces:
+                rule(param[offset:offset + piece.size], piece,
+                     target.state.setdefault(offset // step, {}), **hyper)
+            return
+        DenseSum(_gather(target, self.pieces)).apply(target, rule, hyper, divisor)
+
+
+class DenseSum:
+    """Dense gradients summed into a buffer shaped like the target; after the update the
+    buffer goes to `target.spare` for the next sum."""
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def apply(self, target, rule, hyper, divisor):
+        gradient = self.array
+        if divisor != 1:
+            gradient /= divisor
+        if target.sparse:   # lazily updated rows keep per-row state: stay lazy for dense pushes
+            rules.apply_rows(rule, target.param, np.arange(target.param.shape[0]), gradient,
+                             target.state, **hyper)
+        else:
+            param, flat = target.param.reshape(-1), gradient.reshape(-1)
+            step = _slice_elements(param)
+            for start in range(0, param.size, step):
+                rule(param[start:start + step], flat[start:start + step],
+                     target.state.setdefault(start // step, {}), **hyper)
+        target.spare.append(gradient)
+
+
+class RowGradient:
+    """Some rows of a sparse key: local row indices (unique) and their values, one row each."""
+    __slots__ = ("rows", "values")
+
+    def __init__(self, rows, values):
+        self.rows, self.values = rows, values
+
+    def add_to(self, accumulator):
+        accumulator.add_rows(self)
+
+    def apply(self, target, rule, hyper, divisor):
+        values = self.values / divisor if divisor != 1 else self.values
+        rules.apply_rows(rule, target.param, self.rows, values, target.state, **hyper)
+
+
+class Accumulator:
+    """Sum of the gradients pushed for one clock of one update target. A lone dense push
+    stays as received (no copy); a second one is summed into a reusable buffer. Sparse rows
+    are kept until the clock is complete."""
+
+    def __init__(self, target):
+        self.target = target
         self.count = 0
-        self.pieces = None          # the first dense push: [(offset, piece)]
-        self.dense = None           # the sum of two or more, shaped like the chunk
-        self.rows, self.values = [], []
+        self.first = None           # the first dense push: a DenseGradient
+        self.dense = None           # the sum of two or more, shaped like the target
+        self.rows = []              # RowGradients
 
     def add(self, gradient):
+        """gradient: a DenseGradient, a RowGradient, or None (a worker with no gradient for
+        this target this step, which still counts)."""
         self.count += 1
-        if gradient is None:        # a worker with no gradient for this key this step
+        if gradient is not None:
+            gradient.add_to(self)
+
+    def add_dense(self, gradient):
+        if self.first is None and self.dense is None:
+            self.first = gradient
             return
-        if isinstance(gradient, tuple):
-            self.rows.append(gradient[0])
-            self.values.append(gradient[1])
-        elif self.pieces is None and self.dense is None:
-            self.pieces = gradient
-        else:
-            self.materialize()
-            flat = self.dense.reshape(-1)
-            for offset, piece in gradient:
-                flat[offset:offset + piece.size] += piece
+        flat = self._materialize().reshape(-1)
+        for offset, piece in gradient.pieces:
+            flat[offset:offset + piece.size] += piece
 
-    def _take_buffer(self):
-        spare = self.key.spare
-        return spare.pop() if spare else np.empty_like(self.key.param)
+    def add_rows(self, gradient):
+        self.rows.append(gradient)
 
-    def materialize(self):
+    def _materialize(self):
         if self.dense is None:
-            self.dense = self._take_buffer()
-            flat = self.dense.reshape(-1)
-            if self.pieces is None:
-                flat[:] = 0
-            for offset, piece in self.pieces or ():
-                flat[offset:offset + piece.size] = piece
-            self.pieces = None
+            self.dense = _gather(self.target, self.first.pieces if self.first else ())
+            self.first = None
         return self.dense
 
     def share(self, key, start, stop):
@@ -95,23 +153,40 @@ class Accumulator:
         share.count = self.count
         if self.dense is not None:
             share.dense = self.dense[start:stop].reshape(key.param.shape).copy()
-        elif self.pieces is not None:
-            share.pieces = [(0, self.pieces[0][1][start:stop])]
+        elif self.first is not None:
+            share.first = DenseGradient([(0, self.first.pieces[0][1][start:stop])])
         return share
 
     def total(self):
-        """None, [(offset, piece)] of one push, a dense chunk-shaped array, or
-        (unique rows, summed values)."""
-        if self.pieces is not None and not self.rows:
-            return self.pieces
+        """What the clock's pushes add up to: None (no worker had a gradient), the lone
+        dense push as received, the rows summed (a RowGradient), or a DenseSum."""
         if self.rows:
-            values = np.concatenate(self.values)
-            summed = RowSparseGrad.from_rows(np.concatenate(self.rows), values,
-                                             (self.key.param.shape[0],) + values.shape[1:])
-            if self.dense is None and self.pieces is None:
-                return summed.indices, summed.values
-            self.materialize()[summed.indices] += summed.values
-        return self.dense
+            values = np.concatenate([g.values for g in self.rows])
+            summed = RowSparseGrad.from_rows(np.concatenate([g.rows for g in self.rows]), values,
+                                             (self.target.param.shape[0],) + values.shape[1:])
+            if self.dense is None and self.first is None:
+                return RowGradient(summed.indices, summed.values)
+            self._materialize()[summed.indices] += summed.values
+            return DenseSum(self.dense)
+        if self.first is not None:
+            return self.first
+        return None if self.dense is None else DenseSum(self.dense)
+
+
+def _gather(target, pieces):
+    """A buffer shaped like the target (a spare one if any: its pages are warm) holding the
+    pieces; zeros where none."""
+    buffer = target.spare.pop() if target.spare else np.empty_like(target.param)
+    flat = buffer.reshape(-1)
+    if not pieces:
+        flat[:] = 0
+    for offset, piece in pieces:
+        flat[offset:offset + piece.size] = piece
+    return buffer
+
+
+def _slice_elements(param):
+    return max(1, UPDATE_SLICE_BYTES // param.itemsize)
 
 
 def _on_slice_grid(pieces, step, size):
@@ -295,17 +370,16 @@ class ServerState:
             raise RequestError(f"{message.op} before init on server {self.rank}")
 
     def _gradient(self, key, payloads):
-        """None (an empty push), a list of dense (offset, piece) covering the chunk, or
-        (local rows, values)."""
+        """None (an empty push), a DenseGradient covering the chunk, or a RowGradient."""
         if not payloads:
             return None
         if payloads[0].kind == "dense":
-            return self._dense_pieces(key, payloads, "push")
+            return DenseGradient(self._dense_pieces(key, payloads, "push"))
         rows, values = self._row_pairs(key, payloads, "push", with_values=True)
         rows = np.concatenate(rows)
         if len(np.unique(rows)) != len(rows):
             raise RequestError(f"push: key {key.name!r} repeats a row")
-        return rows, np.concatenate(values)
+        return RowGradient(rows, np.concatenate(values))
 
     def _push_units(self, message, keys):
         """What a push updates, as (target, gradient) pairs: a target is a KeyChunk, or the
@@ -319,10 +393,10 @@ class ServerState:
                 members = groups.packed_members(payload, keys, payloads, packed, self.rank)
                 group = groups.group_of(members, UPDATE_SLICE_BYTES)
                 if group is not None:
-                    units.append((group, [(0, payload.array)]))
+                    units.append((group, DenseGradient([(0, payload.array)])))
                     continue
                 starts = np.cumsum([0] + [key.param.size for key in members]).tolist()
-                units += [(key, [(0, payload.array[start:stop])])
+                units += [(key, DenseGradient([(0, payload.array[start:stop])]))
                           for key, start, stop in zip(members, starts, starts[1:])]
         for index, key in enumerate(keys):
             if index not in packed:
@@ -368,41 +442,15 @@ class ServerState:
         for key in target.members:
             key.version = target.version
 
-    def _apply(self, key, accumulator, lr, divisor):
-        """Run the optimizer rule on the chunk with the mean gradient."""
+    def _apply(self, target, accumulator, lr, divisor):
+        """Run the optimizer rule on the target with the mean gradient of a clock (or of one
+        push: async and ssp)."""
         gradient = accumulator.total()
         if gradient is None:
             return
         optimizer = self.config["optimizer"]
-        rule = rules.RULES[optimizer["name"]]
-        hyper = dict(optimizer["hyper"], lr=float(lr))
-        if isinstance(gradient, tuple):
-            rows, values = gradient
-            rules.apply_rows(rule, key.param, rows, values / divisor if divisor != 1 else values,
-                             key.state, **hyper)
-            return
-        param = key.param.reshape(-1)
-        step = max(1, UPDATE_SLICE_BYTES // param.itemsize)
-        if isinstance(gradient, list) and divisor == 1 and not key.sparse \
-                and _on_slice_grid(gradient, step, param.size):
-            # One push whose frames are the update slices: run the rule on the received
-            # buffers directly (rules never write to their gradient).
-            for offset, piece in gradient:
-                rule(param[offset:offset + piece.size], piece,
-                     key.state.setdefault(offset // step, {}), **hyper)
-            return
-        gradient = accumulator.materialize()
-        if divisor != 1:
-            gradient /= divisor
-        if key.sparse:   # lazily updated rows keep per-row state: stay lazy for dense pushes
-            rules.apply_rows(rule, key.param, np.arange(key.param.shape[0]), gradient,
-                             key.state, **hyper)
-        else:
-            flat = gradient.reshape(-1)
-            for start in range(0, param.size, step):
-                rule(param[start:start + step], flat[start:start + step],
-                     key.state.setdefault(start // step, {}), **hyper)
-        key.spare.append(gradient)
+        gradient.apply(target, rules.RULES[optimizer["name"]],
+                       dict(optimizer["hyper"], lr=float(lr)), divisor)
 
     # --- pull -----------------------------------------------------------------
     def _check_pull(self, message):
