@@ -116,7 +116,7 @@ def save_checkpoint(args, model, optimizer, schedule, step, trainer):
     if path is None or trainer.rank != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    state = {"model": trainer.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
     if schedule is not None:
         state["schedule"] = schedule.state_dict()
     dt.save(state, str(path))

@@ -72,6 +72,22 @@ def test_killed_worker_is_named_by_every_process_and_the_job_ends(tmp_path):
             assert "dead: worker 1 (no heartbeat for" in cluster.read(name), cluster.read(name)
 
 
+@pytest.mark.slow
+def test_a_worker_failing_with_an_exception_is_named_by_every_process(tmp_path):
+    # The exception leaves DataParallel's block without a goodbye: the scheduler notices
+    # the silence and tells everyone which worker it was.
+    with Cluster(tmp_path, num_workers=2, num_servers=1, heartbeat_timeout=3) as cluster:
+        cluster.start_roles()
+        cluster.start_workers("--steps", 100000, "--batch", 4, "--fail", "1:5")
+        codes = cluster.wait(60)
+        assert all(code is not None for code in codes.values()), f"still running: {codes}"
+        assert "worker 1 fails on purpose at step 5" in cluster.read("worker1")
+        for name in ("scheduler", "server0", "worker0", "worker1"):
+            assert codes[name] != 0, f"{name} exited {codes[name]}"
+        for name in ("scheduler", "server0", "worker0"):
+            assert "dead: worker 1 (no heartbeat for" in cluster.read(name), cluster.read(name)
+
+
 def test_a_worker_never_loads_server_or_scheduler_code():
     # -X importtime lists every module the import loads, one "| name" line each, on stderr.
     result = subprocess.run([sys.executable, "-X", "importtime", "-c", "import disttrain.parallel"],
