@@ -93,7 +93,7 @@ class KVStore:
         chunks = chunk_layout(name, shape, dtype, len(self.connections))
         self.specs[name] = (shape, dtype, sparse, chunks)
         # Where each chunk's dense frames start and stop, worked out once: every push of
-        # the key cuts its array the same way (a per-push split cost ~4 us a key).
+        # the key cuts its array the same way (a per-push split cost time on every key).
         self.frames[name] = [
             (chunk, [(chunk.start + start, chunk.start + stop) for start, stop in
                      protocol.frame_bounds(chunk.stop - chunk.start, dtype.itemsize)],

@@ -41,8 +41,8 @@ _context_pid = None
 
 
 def context():
-    """One zmq context per process (recreated after fork). Two I/O threads: measured to
-    keep several concurrent big transfers (one per server) from sharing one thread."""
+    """One zmq context per process (recreated after fork). Two I/O threads, so several
+    concurrent big transfers (one per server) do not share one thread."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
         _context = zmq.Context(io_threads=2)
