@@ -4,13 +4,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
 from tests.ps import train_program
 from tests.ps.cluster import Cluster
+from tests.waiting import wait_until
 
 
 def test_local_mode_is_the_plain_optimizer(monkeypatch):
@@ -59,11 +59,10 @@ def test_killed_worker_is_named_by_every_process_and_the_job_ends(tmp_path):
     with Cluster(tmp_path, num_workers=2, num_servers=1, heartbeat_timeout=3) as cluster:
         cluster.start_roles()
         cluster.start_workers("--steps", 100000, "--batch", 4, "--sleep", 0.01)
-        deadline = time.monotonic() + 60
-        while "step 5 " not in cluster.read("worker1", "out"):
-            assert time.monotonic() < deadline, cluster.read("worker1")
+        def trained_5_steps():
             assert cluster.processes["worker1"].poll() is None, cluster.read("worker1")
-            time.sleep(0.1)
+            return "step 5 " in cluster.read("worker1", "out")
+        wait_until(trained_5_steps, 60, lambda: cluster.read("worker1"))
         os.kill(cluster.processes["worker1"].pid, signal.SIGKILL)
         codes = cluster.wait(15)
         assert all(code is not None for code in codes.values()), f"still running: {codes}"

@@ -4,18 +4,42 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
+from disttrain.ps import transport
+from disttrain.ps.protocol import Message
 from tests.ps.cluster import Cluster
+from tests.waiting import wait_until
+
+
+def catches_sigterm(pid):
+    """Whether process `pid` has a SIGTERM handler installed (its SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        mask = next(line for line in status if line.startswith("SigCgt:")).split()[1]
+    return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+
+
+def scheduler_answers(address):
+    """Whether the scheduler at host:port answers a heartbeat (it does so in its loop, even
+    for a node that never registered)."""
+    connection = transport.Connection(f"tcp://{address}", b"test-probe")
+    try:
+        probe = Message("heartbeat", 1, "test-probe", meta={"node": "test-probe"})
+        return connection.request(probe, transport.Deadline(30, "probe the scheduler")).op == "reply"
+    finally:
+        connection.close()
 
 
 @pytest.mark.slow
 def test_sigterm_ends_scheduler_and_servers_with_exit_code_0(tmp_path):
     with Cluster(tmp_path, num_workers=1, num_servers=2) as cluster:
         cluster.start_roles()
-        time.sleep(1.0)   # registered (servers) and waiting for the worker that never comes
+        # Every process past its set-up (SIGTERM handled), the scheduler in its loop, waiting
+        # for the worker that never comes.
+        wait_until(lambda: all(catches_sigterm(p.pid) for p in cluster.processes.values()), 30,
+                   "the scheduler and servers to install their SIGTERM handlers")
+        assert scheduler_answers(cluster.env["DISTTRAIN_SCHEDULER"])
         assert all(p.poll() is None for p in cluster.processes.values())
         for process in cluster.processes.values():
             process.send_signal(signal.SIGTERM)
