@@ -1,7 +1,7 @@
 """The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
 push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
@@ -13,8 +13,10 @@ from disttrain.ps.layout import MAX_CHUNK_BYTES, Chunk, chunk_layout
 from disttrain.ps.protocol import Message
 
 
-class Entry(NamedTuple):
-    """What a request carries for one chunk of one key."""
+@dataclass(slots=True)
+class Entry:
+    """What a request carries for one chunk of one key. (A slots class rather than a
+    NamedTuple: one is made for every chunk of every push, and it costs fewer instructions.)"""
     name: str
     chunk: Chunk
     pieces: list       # (kind, start, array) each: "dense" slices, or "rows" / "values" pairs
