@@ -9,7 +9,7 @@ import numpy as np
 
 from disttrain import backend
 from disttrain.nn.parameter import Parameter
-from disttrain.tensor import RowSparseGrad, Tensor
+from disttrain.tensor import RowSparseGrad, Tensor, _HookHandle
 
 
 class Module:
@@ -27,7 +27,16 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args, **kwargs):
+        for hook in self.__dict__.get("_forward_pre_hooks", ()):
+            hook(self, args)
         return self.forward(*args, **kwargs)
+
+    def register_forward_pre_hook(self, hook):
+        """Call ``hook(module, args)`` before every ``forward()`` (its return value is ignored);
+        the returned handle's ``remove()`` takes it off again."""
+        hooks = self.__dict__.setdefault("_forward_pre_hooks", [])
+        hooks.append(hook)
+        return _HookHandle(hooks, hook)
 
     # --- registration ---------------------------------------------------------------------
     def __setattr__(self, name, value):
