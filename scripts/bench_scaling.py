@@ -122,9 +122,8 @@ def observer_cost(rounds=5, steps=40):
         lines = jsonl.JsonLines(os.path.join(scratch, "worker-0.jsonl"))
         board = tensorboard.Board(os.path.join(scratch, "tb"), 10, scratch)
         tracer = trace.Tracer()
-        os.environ["DISTTRAIN_METRICS_DIR"] = scratch
         server = ServerObserver(0, SimpleNamespace(keys={("p", 0): None}, num_workers=2,
-                                                   waiting_pulls=[]))
+                                                   waiting_pulls=[]), metrics_dir=scratch)
         clock = [0]
 
         def observe_step():
@@ -159,7 +158,6 @@ def observer_cost(rounds=5, steps=40):
             os.close(null)
             lines.close()
             board.close()
-            del os.environ["DISTTRAIN_METRICS_DIR"]
     step, observers = statistics.median(step_s), statistics.median(observe_s)
     return step, observers, step / (step + observers)
 

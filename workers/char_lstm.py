@@ -3,8 +3,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
-
 import numpy as np
 
 import disttrain as dt
@@ -90,7 +88,8 @@ def main(argv=None):
     optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
     # Clipping changes gradients after backward(), so they are pushed in step(), not from hooks.
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness, overlap=False) as trainer:
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness, overlap=False,
+                      metrics_dir=args.servers_metrics_dir) as trainer:
         # One "epoch" is as many windows as it takes to cover the training text once.
         per_epoch = max(1, len(train_ids) // (args.batch_size * args.seq_len * trainer.num_workers))
         last = int(args.epochs * per_epoch)

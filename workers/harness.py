@@ -3,12 +3,12 @@ checkpoints and the JSON summary."""
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import disttrain as dt
+from disttrain import config
 from disttrain.observe import jsonl, tensorboard
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -16,6 +16,10 @@ REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 def parser(description, *, epochs, batch_size, lr):
     """An ArgumentParser holding the common worker flags of DESIGN.md, with per-model defaults."""
+    try:
+        settings = config.from_env()
+    except config.ConfigError as error:
+        sys.exit(f"error: {error}")
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=float, default=epochs, help="passes over the training data (fractions allowed)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="per-worker batch size")
@@ -29,15 +33,15 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--device", default=os.environ.get("DISTTRAIN_DEVICE", "cpu"),
+    p.add_argument("--device", default=settings.device,
                    help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
     p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar on stderr (also: DISTTRAIN_PROGRESS=0)")
-    # config: DISTTRAIN_METRICS_DIR, the default of --metrics-dir (servers read it too)
-    p.add_argument("--metrics-dir", default=os.environ.get("DISTTRAIN_METRICS_DIR") or None,
+    p.add_argument("--metrics-dir", default=settings.metrics_dir,
                    help="append per-step JSON lines to DIR/worker-RANK.jsonl; the servers "
-                        "write DIR/server-RANK.jsonl (see `python -m disttrain.plot`)")
+                        "write DIR/server-RANK.jsonl (see `python -m disttrain.plot`; "
+                        "default: $DISTTRAIN_METRICS_DIR, which the servers read too)")
     p.add_argument("--tensorboard", default=None, metavar="DIR",
                    help="rank 0 writes TensorBoard scalars to a new run directory in DIR "
                         "(needs tensorboardX: pip install 'disttrain[observe]')")
@@ -65,11 +69,9 @@ def prepare(args):
     if args.tensorboard:
         tensorboard.require()
         args.tensorboard_run = tensorboard.run_directory(args.tensorboard, Path(sys.argv[0]).stem or "run")
-    # The servers learn it from rank 0's init: its own, or its TensorBoard run directory,
-    # where rank 0 reads their throughput.
-    servers_dir = args.metrics_dir or args.tensorboard_run
-    if servers_dir:
-        os.environ["DISTTRAIN_METRICS_DIR"] = servers_dir
+    # The servers learn it from rank 0's init (pass it to DataParallel(metrics_dir=)): its
+    # own, or its TensorBoard run directory, where rank 0 reads their throughput.
+    args.servers_metrics_dir = args.metrics_dir or args.tensorboard_run
     dt.manual_seed(args.seed)
     dt.backend.keep_freed_memory()
 
@@ -81,8 +83,7 @@ class Progress:
     forty lines.)"""
 
     def __init__(self, total, label, enabled=True):
-        # config: DISTTRAIN_PROGRESS=0 turns every progress bar off
-        enabled = enabled and os.environ.get("DISTTRAIN_PROGRESS", "1") != "0"
+        enabled = enabled and config.from_env().progress   # DISTTRAIN_PROGRESS=0: off
         self.total, self.label, self.enabled = total, label, enabled
         self.tty = sys.stderr.isatty()
         self.start = self.last_draw = time.perf_counter()
@@ -216,7 +217,7 @@ def save_checkpoint(args, model, optimizer, schedule, step, trainer):
     if path is None or trainer.rank != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    state = {"model": trainer.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
     if schedule is not None:
         state["schedule"] = schedule.state_dict()
     dt.save(state, str(path))
@@ -271,7 +272,7 @@ def summary(args, trainer, model_name, **fields):
     if trainer.rank != 0:
         return None
     line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
-            "servers": int(os.environ.get("DISTTRAIN_NUM_SERVERS", 0)) if trainer.is_distributed else 0,
+            "servers": trainer.num_servers,
             "mode": args.mode if trainer.is_distributed else "local"}
     line.update(fields)
     text = json.dumps(line)

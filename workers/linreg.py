@@ -1,9 +1,5 @@
 """Linear regression by SGD on synthetic data, checked against the closed-form least-squares fit."""
-import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
 
 import numpy as np
 
@@ -43,7 +39,8 @@ def main(argv=None):
     model = nn.Linear(args.features, 1).to(args.device)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      metrics_dir=args.servers_metrics_dir) as trainer:
         loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
                             shuffle=True, drop_last=True, seed=args.seed,
                             num_shards=trainer.num_workers, shard_index=trainer.rank)

@@ -1,9 +1,6 @@
 """Train an MLP (784-256-256-10) or LeNet-5 on MNIST; alone, or as one worker of a launched job."""
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
 
 import numpy as np
 
@@ -67,7 +64,8 @@ def main(argv=None):
     else:
         optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      metrics_dir=args.servers_metrics_dir) as trainer:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
                             drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
                             shard_index=trainer.rank)

@@ -10,13 +10,6 @@ import sys
 MARKER = b"\x1edisttrain-observe "
 
 
-def wanted(what):
-    """True when the launcher asked for `what` ("report": the end-of-run report, "trace":
-    timeline events)."""
-    # config: DISTTRAIN_OBSERVE, comma-separated, set by `python -m launch` (report, trace)
-    return what in os.environ.get("DISTTRAIN_OBSERVE", "").split(",")
-
-
 def send(kind, payload):
     """One marked line on stderr, written in one piece after whatever the program printed."""
     line = MARKER + json.dumps(dict(payload, kind=kind), separators=(",", ":")).encode() + b"\n"

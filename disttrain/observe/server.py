@@ -5,7 +5,6 @@ depth, the clocks completed), and one trace span per request for --timeline.
 
 serve() calls `handled()` after each message and `idle()` when none came; the server's state
 machine knows nothing of this."""
-import os
 import time
 from collections import Counter
 
@@ -14,11 +13,6 @@ from disttrain.observe.trace import Tracer
 
 WINDOW_S = 1.0
 MAX_DIR_CHARS = 4096
-
-
-def metrics_dir_from_env():
-    # config: DISTTRAIN_METRICS_DIR, where servers (and, by default, workers) write JSON lines
-    return os.environ.get("DISTTRAIN_METRICS_DIR") or None
 
 
 def group_name(keys):
@@ -31,19 +25,21 @@ def payload_bytes(message):
 
 
 class ServerObserver:
-    def __init__(self, rank, state, clock=None):
+    """observe: what the launcher asked for (config.Config.observe: "report", "trace");
+    metrics_dir: where to write the metrics lines from the start (else from rank 0's init)."""
+
+    def __init__(self, rank, state, clock=None, observe=frozenset(), metrics_dir=None):
         self.rank, self.state = rank, state
-        self.report = channel.wanted("report")
-        self.tracer = Tracer(clock) if channel.wanted("trace") else None
+        self.report = "report" in observe
+        self.tracer = Tracer(clock) if "trace" in observe else None
         self.file = None
         self.arrivals = {}           # clock -> {worker rank: key chunks pushed so far}
         self.arrived = {}            # clock -> {worker rank: when its last chunk came}
         self.last_counts = Counter()   # worker rank -> clocks at which it came last
         self.clocks = 0
         self._new_window(time.perf_counter())
-        directory = metrics_dir_from_env()
-        if directory:
-            self._open(directory)
+        if metrics_dir:
+            self._open(metrics_dir)
 
     # --- hooks called by serve() ----------------------------------------------------------
     def handled(self, message, replies, started):

@@ -18,8 +18,10 @@ PHASES = ("compute", "push", "pull", "apply")
 
 
 class StepTimer:
-    def __init__(self, rank=0, tracer=None, traffic=None):
-        self.rank, self.tracer, self.traffic = rank, tracer, traffic
+    def __init__(self, rank=0, tracer=None, traffic=None, report=False):
+        """tracer: a trace.Tracer for --timeline; traffic: has bytes_sent / bytes_received
+        (a ps.client.KVStore); report: send the end-of-run report when closed."""
+        self.rank, self.tracer, self.traffic, self.report = rank, tracer, traffic, report
         self.started = time.perf_counter()     # the end of the previous step
         self.entered = None                    # when step() was called
         self.totals = dict.fromkeys(PHASES, 0.0)
@@ -87,6 +89,6 @@ class StepTimer:
         """Send the end-of-run report (and the rest of the trace) to the launcher."""
         if self.tracer is not None:
             self.tracer.flush()
-        if channel.wanted("report") and self.durations:
+        if self.report and self.durations:
             channel.send("report", {"role": "worker", "rank": self.rank, "steps": len(self.durations),
                                     "median_step_s": statistics.median(self.durations)})

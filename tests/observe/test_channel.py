@@ -17,15 +17,6 @@ def test_other_lines_and_damaged_marked_lines_are_not_messages():
     assert channel.parse(channel.MARKER + b"[1, 2]") is None
 
 
-def test_wanted_reads_the_list_the_launcher_set(monkeypatch):
-    monkeypatch.setenv("DISTTRAIN_OBSERVE", "report,trace")
-    assert channel.wanted("trace") and channel.wanted("report")
-    monkeypatch.setenv("DISTTRAIN_OBSERVE", "report")
-    assert not channel.wanted("trace")
-    monkeypatch.delenv("DISTTRAIN_OBSERVE")
-    assert not channel.wanted("report")
-
-
 def test_sending_to_a_closed_stderr_does_not_end_the_program(monkeypatch):
     def broken(fd, data):
         raise BrokenPipeError(32, "Broken pipe")

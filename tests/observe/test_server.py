@@ -28,10 +28,8 @@ def handle(observer, message, replies=None):
     observer.handled(message, reply_to(message) if replies is None else replies, 0.0)
 
 
-def test_a_worker_arrives_at_a_clock_once_it_pushed_every_chunk_and_the_last_one_is_counted(monkeypatch, capfd):
-    monkeypatch.setenv("DISTTRAIN_OBSERVE", "report")
-    monkeypatch.delenv("DISTTRAIN_METRICS_DIR", raising=False)
-    observer = ServerObserver(0, fake_state())
+def test_a_worker_arrives_at_a_clock_once_it_pushed_every_chunk_and_the_last_one_is_counted(capfd):
+    observer = ServerObserver(0, fake_state(), observe={"report"})
     handle(observer, push(1, 0, ["k0", "k1"]))
     handle(observer, push(0, 0, ["k0", "k1", "k2"]))     # worker 0 complete first
     handle(observer, push(1, 0, ["k2"]))                 # worker 1 completes clock 0 last
@@ -46,9 +44,7 @@ def test_a_worker_arrives_at_a_clock_once_it_pushed_every_chunk_and_the_last_one
                                    "last": {"1": 2}}
 
 
-def test_the_metrics_lines_count_messages_bytes_and_name_the_last_worker(monkeypatch, tmp_path):
-    monkeypatch.delenv("DISTTRAIN_OBSERVE", raising=False)
-    monkeypatch.delenv("DISTTRAIN_METRICS_DIR", raising=False)
+def test_the_metrics_lines_count_messages_bytes_and_name_the_last_worker(tmp_path):
     observer = ServerObserver(0, fake_state(chunks=1))
     assert observer.file is None     # until a worker's init names the directory
     init = Message("init", 1, "worker-0", ["k0"], [], {"observe": {"metrics_dir": str(tmp_path)}})

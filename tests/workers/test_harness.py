@@ -37,3 +37,10 @@ def test_tensorboard_without_tensorboardX_exits_with_the_install_command(monkeyp
     with pytest.raises(SystemExit) as exit_info:
         harness.prepare(args)
     assert "pip install" in str(exit_info.value) and "tensorboardX" in str(exit_info.value)
+
+
+def test_a_bad_DISTTRAIN_PROGRESS_exits_naming_the_variable_and_value(monkeypatch):
+    monkeypatch.setenv("DISTTRAIN_PROGRESS", "off")
+    with pytest.raises(SystemExit) as exit_info:
+        harness.parser("test", epochs=1, batch_size=8, lr=0.1)
+    assert "DISTTRAIN_PROGRESS='off' must be 0 or 1" in str(exit_info.value)
