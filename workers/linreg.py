@@ -39,7 +39,8 @@ def main(argv=None):
     model = nn.Linear(args.features, 1).to(args.device)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      metrics_dir=args.servers_metrics_dir) as trainer:
         loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
                             shuffle=True, drop_last=True, seed=args.seed,
                             num_shards=trainer.num_workers, shard_index=trainer.rank)
@@ -47,7 +48,7 @@ def main(argv=None):
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
         first = harness.resume(checkpoint, schedule)
         last = harness.total_steps(loader, args)
-        progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
+        monitor = harness.Monitor(args, trainer, last, f"linreg rank {trainer.rank}")
         losses, start = [], time.perf_counter()
         for step, (xb, yb) in harness.batches(loader, first, last):
             loss = F.mse_loss(model(harness.on_device(xb, args)), harness.on_device(yb, args))
@@ -56,8 +57,8 @@ def main(argv=None):
             trainer.step()
             schedule.step()
             losses.append(loss.item())
-            progress.update(step + 1, len(xb), loss=np.mean(losses[-20:]))
-        progress.close()
+            monitor.step(step + 1, losses[-1], len(xb), shown_loss=np.mean(losses[-20:]))
+        monitor.close()
         wall = time.perf_counter() - start
         harness.save_checkpoint(args, model, optimizer, schedule, last, trainer)
 

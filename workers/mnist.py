@@ -64,7 +64,8 @@ def main(argv=None):
     else:
         optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      metrics_dir=args.servers_metrics_dir) as trainer:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
                             drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
                             shard_index=trainer.rank)
@@ -72,26 +73,29 @@ def main(argv=None):
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
         first = harness.resume(checkpoint, schedule)
-        progress = harness.Progress(last, f"{args.model} rank {trainer.rank}", not args.no_progress)
-        losses, loss_log, start = [], harness.LossLog(args, trainer), time.perf_counter()
+        monitor = harness.Monitor(args, trainer, last, f"{args.model} rank {trainer.rank}")
+        losses, start = [], time.perf_counter()
         for step, (x, y) in harness.batches(loader, first, last):
-            loss = F.cross_entropy(model(harness.on_device(x, args)), y)
+            logits = model(harness.on_device(x, args))
+            loss = F.cross_entropy(logits, y)
             trainer.zero_grad()
             loss.backward()
             trainer.step()
             schedule.step()
             losses.append(loss.item())
-            loss_log.write(step + 1, losses[-1])
-            progress.update(step + 1, len(x), loss=np.mean(losses[-50:]))
+            hits = dt.backend.to_numpy(logits.data).argmax(axis=1) == y
+            monitor.step(step + 1, losses[-1], len(x), shown_loss=np.mean(losses[-50:]),
+                         accuracy=float(hits.mean()))
             if (step + 1) % len(loader) == 0 or step + 1 == last:
                 harness.save_checkpoint(args, model, optimizer, schedule, step + 1, trainer)
-        progress.close()
-        loss_log.close()
         wall = time.perf_counter() - start
         trained = (last - first) * args.batch_size * trainer.num_workers
+        test_accuracy = accuracy(model, x_test, y_test, args)
+        monitor.evaluation(last, test_accuracy=test_accuracy)
+        monitor.close()
         harness.summary(args, trainer, args.model,
                         train_loss=float(np.mean(losses[-len(loader) // 10 or 1:])) if losses else None,
-                        test_accuracy=accuracy(model, x_test, y_test, args),
+                        test_accuracy=test_accuracy,
                         samples_per_s=trained / wall if wall > 0 else None,
                         wall_s=round(wall, 2), steps=last - first)
 

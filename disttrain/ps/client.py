@@ -1,6 +1,7 @@
 """The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
 push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ class Handle:
         self.outstanding = set(requests)     # request ids still unanswered
         self.on_reply = on_reply             # called with each reply Message
         self.errors = []
+        self.applied = []                    # (start, end) of each on_reply call (observe)
 
     def done(self):
         if self.outstanding:
@@ -47,7 +49,9 @@ class Handle:
         if reply.op == "error":
             self.errors.append(f"{reply.sender}: {reply.meta.get('error')}")
         elif self.on_reply is not None:
+            started = time.perf_counter()
             self.on_reply(reply)
+            self.applied.append((started, time.perf_counter()))
 
     def wait(self):
         deadline = transport.Deadline(self.store.timeout, self.what)
@@ -86,6 +90,7 @@ class KVStore:
         self._ids = itertools.count(1)
         self._poller = None
         self.sender = f"worker-{rank}"
+        self.bytes_sent = self.bytes_received = 0   # payload bytes, for the metrics files
 
     # --- keys -------------------------------------------------------------------
     def declare(self, name, shape, dtype, sparse=False):
@@ -122,6 +127,7 @@ class KVStore:
                 handle.outstanding.add(request_id)
                 self.handles[request_id] = handle
                 payloads = pack_payloads(group)
+                self.bytes_sent += sum(payload.array.nbytes for payload in payloads)
                 message_meta = dict(meta, chunks=[entry.chunk.index for entry in group])
                 self.connections[server].send(Message(
                     op, request_id, self.sender, [entry.name for entry in group], payloads,
@@ -199,7 +205,8 @@ class KVStore:
         return on_reply
 
     # --- the API ----------------------------------------------------------------
-    def init_async(self, arrays, optimizer, mode="sync", staleness=0):
+    def init_async(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
+        """observe: {"metrics_dir": DIR} tells the servers where to write their metrics."""
         entries = []
         for name, array in arrays.items():
             self._dense_entries(name, np.asarray(array), entries)
@@ -208,6 +215,8 @@ class KVStore:
             shape, dtype, sparse, _ = self.specs[entry.name]
             meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
                     "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse}]}
+            if observe:
+                meta["observe"] = observe
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
@@ -237,8 +246,8 @@ class KVStore:
         return self._send("pushpull", f"pushpull of clock {clock}", self._grad_entries(grads),
                           meta, self._pull_into(outs))
 
-    def init(self, arrays, optimizer, mode="sync", staleness=0):
-        self.init_async(arrays, optimizer, mode, staleness).wait()
+    def init(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
+        self.init_async(arrays, optimizer, mode, staleness, observe).wait()
 
     def push(self, grads, clock, lr):
         self.push_async(grads, clock, lr).wait()
@@ -262,6 +271,7 @@ class KVStore:
             # One message per ready socket and call: the caller loops until its handle is done.
             reply = connection.receive_nowait() if connection.socket in ready else None
             if reply is not None:
+                self.bytes_received += sum(payload.array.nbytes for payload in reply.payloads)
                 handle = self.handles.pop(reply.id, None)
                 if handle is not None:
                     handle._answer(reply)

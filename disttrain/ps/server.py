@@ -1,11 +1,13 @@
 """A parameter server: its state machine (keys, sync / async / ssp clocks, gradient
 accumulation, optimizer updates) that never touches a socket, and `serve()`, its loop."""
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
 from disttrain.ps import group as groups, protocol, transport
@@ -549,16 +551,20 @@ def _log_rejected(text):
 
 
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
-          rank=None):
+          rank=None, observe=frozenset(), metrics_dir=None):
     """A server process's loop: register (asking for `rank`, the launcher's, if given, and
     advertising `host`, else the address on the route to the scheduler), then answer requests
-    until the scheduler says shutdown (return 0) or reports a dead peer (return 1)."""
+    until the scheduler says shutdown (return 0) or reports a dead peer (return 1).
+    `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     listener = transport.Listener(host, max_message_bytes)
+    observer = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=rank)
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        observer = ServerObserver(membership.rank, state, membership.clock, observe,
+                                  metrics_dir)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
@@ -570,19 +576,24 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                     error.request_id, state.sender, str(error)))
                 continue
             if received is None:
+                observer.idle()
                 continue
             identity, message = received
+            started = time.perf_counter()
             try:
                 replies = state.handle(identity, message)
             except Exception as error:  # a bug must not take the job down silently
                 traceback.print_exc()
                 replies = [(identity, protocol.error_reply(
                     message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
+            observer.handled(message, replies, started)
             for route, reply in replies:
                 if reply.op == "error":
                     _log_rejected(reply.meta["error"])
                 listener.send(route, reply)
         return 0
     finally:
+        if observer is not None:
+            observer.close()
         listener.close()
         membership.close()
