@@ -9,6 +9,7 @@ from disttrain import backend
 from disttrain.ps import protocol, transport
 from disttrain.ps.protocol import Message, Payload
 from disttrain.ps.server import MAX_CHUNK_BYTES, chunk_layout
+from disttrain.tensor import RowSparseGrad
 
 
 class PSError(RuntimeError):
@@ -133,13 +134,9 @@ class KVStore:
             entries.append((name, chunk, [], nbytes))
 
     def _row_entries(self, name, rows, values, entries):
-        """Split sorted global rows (and their values, if any) by the chunk owning them."""
+        """Split global rows (and their values, if any) by the chunk owning them."""
         shape, dtype, _, chunks = self._spec(name)
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= (shape[0] if shape else 1)):
-            raise ValueError(f"key {name!r}: rows outside 0..{shape[0] - 1}")
-        if values is not None:
-            values = np.ascontiguousarray(values, dtype=dtype).reshape(len(rows), -1)
+        rows, values = _sorted_rows(name, shape, dtype, rows, values)
         bounds = np.searchsorted(rows, [c.row_start for c in chunks] + [chunks[-1].row_stop])
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
         rows_per_frame = max(1, protocol.FRAME_BYTES // row_bytes)
@@ -206,10 +203,10 @@ class KVStore:
         return self._send("push", f"push of clock {clock}", self._grad_entries(grads), meta)
 
     def pull_async(self, outs, clock, rows=None):
-        """outs: {name: array} written in place; rows: {name: sorted unique row indices}
-        pulls only those rows of a key. `clock` is this worker's clock: in sync mode the
+        """outs: {name: array} written in place; rows: {name: row indices} pulls only those
+        rows of a key (each written at its own index of the array, so their order is free). `clock` is this worker's clock: in sync mode the
         reply waits until every worker's pushes of earlier clocks were applied."""
-        rows = rows or {}
+        rows = rows or {}   # any order, repeats allowed: _sorted_rows puts them in order
         entries = []
         for name in outs:
             if name in rows:
@@ -258,6 +255,34 @@ class KVStore:
     def close(self):
         for connection in self.connections:
             connection.close()
+
+
+def _sorted_rows(name, shape, dtype, rows, values):
+    """Rows as sorted unique int64, values as (rows, row elements) with a repeated row's
+    values summed: the order in which rows are split by chunk and checked by the servers.
+    No rows at all is valid (a push of them says "no gradient this clock")."""
+    rows = np.asarray(rows)
+    if rows.size and rows.dtype.kind not in "iu":
+        raise TypeError(f"key {name!r}: row indices must be integers, got dtype {rows.dtype}")
+    rows = rows.astype(np.int64, copy=False).reshape(-1)
+    num_rows = shape[0] if shape else 1
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        raise ValueError(f"key {name!r}: rows {rows.min()}..{rows.max()} outside the table's "
+                         f"0..{num_rows - 1}")
+    if values is not None:
+        row_size = int(np.prod(shape[1:], dtype=np.int64))
+        values = np.ascontiguousarray(values, dtype=dtype)
+        if values.size != rows.size * row_size:
+            raise ValueError(f"key {name!r}: {rows.size} rows but values of shape "
+                             f"{values.shape}; expected {(rows.size,) + tuple(shape[1:])}")
+        values = values.reshape(rows.size, row_size)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        if values is None:
+            rows = np.unique(rows)
+        else:
+            summed = RowSparseGrad.from_rows(rows, values, (num_rows, values.shape[1]))
+            rows, values = summed.indices, summed.values
+    return rows, values
 
 
 def _pack(entries):
