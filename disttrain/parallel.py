@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from disttrain import backend
+from disttrain.buffer_average import BufferAverage
 from disttrain.ps import client, scheduler, server
 
 _failed = False  # set when the program dies of an uncaught exception
@@ -68,6 +69,10 @@ class DataParallel:
     Its small gradients travel packed in one frame, and the server updates them with one
     optimizer call (see ``ps.server.Group``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
+
+    Floating-point buffers (BatchNorm's running statistics) are averaged over the workers
+    at every clock through one extra key (see ``buffer_average.BufferAverage``), so each
+    worker's, and the saved model's, statistics describe all the data.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
     """
 
@@ -108,8 +113,10 @@ class DataParallel:
             self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
             for name, p in self._params.items():
                 self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
+            self._averaged = BufferAverage(self.model, self._store)   # BatchNorm statistics
             if self.rank == 0:
-                self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                                  **self._averaged.initial()},
                                  self.optimizer.config(), self.mode, self.staleness)
             self._membership.barrier("worker")
             self._pull(list(self._params))   # every worker starts from rank 0's
@@ -229,11 +236,13 @@ class DataParallel:
             bucket.ready.clear()
         pending, self._pending = self._pending, []
         pulled, self._pulled = self._pulled, []
+        self._averaged.send(pending)
         self.clock += 1
         for handle in pending:
             handle.wait()
         for targets in pulled:
             self._store_pulled(targets)
+        self._averaged.receive()
 
     def close(self):
         """Say goodbye to the scheduler (the job ends once every worker has). Called at

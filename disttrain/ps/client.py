@@ -72,14 +72,19 @@ class KVStore:
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]
+        self.averaged = set()  # names declared average=True (see declare)
         self.handles = {}      # request id -> Handle
         self._ids = itertools.count(1)
         self._poller = None
         self.sender = f"worker-{rank}"
 
     # --- keys -------------------------------------------------------------------
-    def declare(self, name, shape, dtype, sparse=False):
+    def declare(self, name, shape, dtype, sparse=False, average=False):
+        """average=True: the servers keep the mean of the workers' pushed values instead of
+        applying the optimizer to them as gradients (buffers such as BatchNorm statistics)."""
         shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        if average:
+            self.averaged.add(name)
         if dtype.name not in protocol.DTYPES:
             raise ValueError(f"key {name!r}: dtype {dtype} is not one of {protocol.DTYPES}")
         chunks = chunk_layout(name, shape, dtype, len(self.connections))
@@ -193,7 +198,8 @@ class KVStore:
         for entry in entries:   # one message per chunk: each carries its key's spec
             shape, dtype, sparse, _ = self.specs[entry[0]]
             meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
-                    "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse}]}
+                    "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse,
+                               "average": entry[0] in self.averaged}]}
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 

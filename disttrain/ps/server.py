@@ -74,6 +74,8 @@ class _Updated:
     """A target of updates, a KeyChunk or a Group: ServerState._push, _apply and Accumulator
     use its `param`, `state`, `sparse`, `spare`, `pending`, `version`, `members` and this."""
 
+    average = False   # a Group's members are parameters (see KeyChunk.average)
+
     def take_buffer(self):
         return self.spare.pop() if self.spare else np.empty_like(self.param)
 
@@ -94,6 +96,7 @@ class KeyChunk(_Updated):
     spare: list = field(default_factory=list)    # gradient buffers to reuse (warm pages)
     group: "Group" = None                   # while set, `param` is a view into group.param
     # and the optimizer state and pending gradients live in the group
+    average: bool = False                   # pushes are values to average, not gradients
 
     @property
     def members(self):
@@ -252,6 +255,7 @@ class ServerState:
             shape = tuple(int(n) for n in spec["shape"])
             dtype = np.dtype(spec["dtype"])
             sparse = bool(spec.get("sparse", False))
+            average = bool(spec.get("average", False))
         except (KeyError, TypeError, ValueError) as error:
             raise RequestError(f"init: bad spec {spec!r} for key {name!r}: {error}") from None
         if dtype.name not in protocol.DTYPES or any(n < 0 for n in shape):
@@ -262,8 +266,10 @@ class ServerState:
                                f"on server {self.rank}")
         chunk = layout[index]
         param = np.empty((chunk.row_stop - chunk.row_start, chunk.row_size), dtype=dtype)
+        if average and sparse:
+            raise RequestError(f"init: key {name!r} cannot be both sparse and average")
         return KeyChunk(name, shape, dtype, chunk, sparse, param,
-                        pushes=[0] * self.num_workers)
+                        pushes=[0] * self.num_workers, average=average)
 
     # --- payload checks -------------------------------------------------------
     @staticmethod
@@ -491,6 +497,9 @@ class ServerState:
         gradient = accumulator.total()
         if gradient is None:
             return
+        if key.average:
+            self._average(key, accumulator)
+            return
         optimizer = self.config["optimizer"]
         rule = rules.RULES[optimizer["name"]]
         hyper = dict(optimizer["hyper"], lr=float(lr))
@@ -521,6 +530,16 @@ class ServerState:
                 rule(param[start:start + step], flat[start:start + step],
                      key.state.setdefault(start // step, {}), **hyper)
         key.spare.append(gradient)
+
+    def _average(self, key, accumulator):
+        """An average key (buffers such as BatchNorm statistics): sync stores the mean of the
+        N pushed values; async / ssp move the stored value 1/N of the way to each push."""
+        total = accumulator.materialize()
+        if self.config["mode"] == "sync":
+            np.divide(total, self.num_workers, out=key.param)
+        else:
+            key.param += (total - key.param) / self.num_workers
+        key.spare.append(total)
 
     # --- pull -----------------------------------------------------------------
     def _check_pull(self, message):
