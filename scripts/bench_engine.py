@@ -7,7 +7,7 @@ batch of the worker program (MLP 128, LeNet-5 64). Prints ms/step (median of --s
 after warm-up) and ends with one JSON line: {"mlp_ratio": ..., "lenet_ratio": ...,
 "softmax_ratio", "resnet_ratio", "lstm_ratio", "word2vec_ratio"} (ours / PyTorch).
 
-    python scripts/bench_engine.py [--steps 50] [--warmup 5] [--default-malloc]
+    python scripts/bench_engine.py [--steps 50] [--warmup 5] [--models resnet,word2vec] [--default-malloc]
 
 By default glibc's malloc is told to keep freed memory for reuse (mallopt, applied once to
 the whole process, so to both engines): numpy allocates a fresh array per op result, and
@@ -242,6 +242,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--models", default="mlp,lenet,softmax,resnet,lstm,word2vec",
+                        help="comma-separated rows to run (default: all)")
     parser.add_argument("--default-malloc", action="store_true", help="leave glibc malloc's settings alone")
     args = parser.parse_args()
     if args.steps < 20:
@@ -260,7 +262,10 @@ def main():
     ratios = {}
     print(f"forward+backward, 1 thread, median of {args.steps} steps after {args.warmup} warm-up, "
           f"malloc {'keeps freed memory' if tuned else 'default'}")
+    chosen = set(args.models.split(","))
     for name, (model, weights, x, y) in cases.items():
+        if name not in chosen:
+            continue
         ours, our_loss, our_grads = bench_disttrain(model, weights, x, y, args.steps, args.warmup)
         line = f"{name:8s} disttrain {ours:8.2f} ms/step"
         if torch is not None:
@@ -274,6 +279,8 @@ def main():
     dt.manual_seed(0)
     twins = torch_twins() if torch is not None else {}
     for name, (ours, twin_args, inputs, loss) in module_cases(rng).items():
+        if name not in chosen:
+            continue
         twin = twins[name](*twin_args) if twins else None
         ours_ms, theirs, our_loss, their_loss, worst = bench_module(ours, twin, inputs, loss,
                                                                     args.steps, args.warmup)
