@@ -79,7 +79,7 @@ def images(x):
 
 def shifted(x, rng, pixels=2):
     """Each image moved by a random whole-pixel offset in -pixels..pixels per axis, the border
-    filled with the background value: the augmentation that takes LeNet-5 past 99.2%."""
+    filled with the background value (data augmentation)."""
     n, _, h, w = x.shape
     background = -MEAN / STD
     padded = np.pad(x, ((0, 0), (0, 0), (pixels, pixels), (pixels, pixels)), constant_values=background)
@@ -101,6 +101,9 @@ def accuracy(model, x, y, args, batch_size=1000):
 
 
 MODELS = {"softmax": softmax, "mlp": mlp, "lenet": lenet, "resnet": ResNet}
+# Per-model (--shift pixels, --label-smoothing) defaults: what took each past its 2-epoch
+# target (ResNet 99.26% -> 99.34% with 2 workers; README has the runs).
+REGULARISATION = {"resnet": (1, 0.1)}
 
 
 def main(argv=None):
@@ -108,8 +111,9 @@ def main(argv=None):
     p.add_argument("--model", choices=sorted(MODELS), default="mlp")
     p.add_argument("--shift", type=int, default=None,
                    help="augment: shift each training image by up to this many pixels "
-                        "(default 2 for lenet, 0 otherwise)")
-    p.add_argument("--label-smoothing", type=float, default=0.0, help="cross-entropy label smoothing")
+                        "(default: see REGULARISATION)")
+    p.add_argument("--label-smoothing", type=float, default=None,
+                   help="cross-entropy label smoothing (default: see REGULARISATION)")
     p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
     p.add_argument("--momentum", type=float, default=0.9, help="for --optimizer sgd")
     args = p.parse_args(argv)
@@ -123,7 +127,9 @@ def main(argv=None):
     x_train, x_test = images(x_train), images(x_test)
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
 
-    shift = args.shift if args.shift is not None else (2 if args.model == "lenet" else 0)
+    shift, smoothing = REGULARISATION.get(args.model, (0, 0.0))
+    shift = shift if args.shift is None else args.shift
+    smoothing = smoothing if args.label_smoothing is None else args.label_smoothing
     model = MODELS[args.model]().to(args.device)
     if args.optimizer == "adam":
         optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
@@ -144,7 +150,7 @@ def main(argv=None):
             if shift:   # offsets drawn from (seed, rank, step) alone: a resumed run sees the same
                 x = shifted(x, np.random.default_rng([args.seed, trainer.rank, step]), shift)
             loss = F.cross_entropy(model(harness.on_device(x, args)), y,
-                                   label_smoothing=args.label_smoothing)
+                                   label_smoothing=smoothing)
             trainer.zero_grad()
             loss.backward()
             trainer.step()
