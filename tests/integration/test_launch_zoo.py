@@ -2,6 +2,8 @@
 regression, the ResNet (with averaged BatchNorm statistics) and word2vec (sparse rows) run
 and print the summary contract; slow runs reach each model's quality target."""
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -59,6 +61,17 @@ def test_lenet_reaches_99_2_percent_in_2_epochs():
 
 
 def test_word2vec_one_epoch_with_two_workers_learns_the_held_out_pairs(launch_run):
-    """One epoch: 2.88 nats on the held-out pairs in 1 process (6 * ln 2 = 4.16 untrained)."""
-    summary, lines = launched(launch_run, "word2vec.py", "--epochs", "1")
-    assert summary["val_loss"] < 3.0, summary
+    """6 * ln 2 = 4.16 nats untrained; 2.86 after the default 3 epochs (README)."""
+    summary, _ = launched(launch_run, "word2vec.py", "--epochs", "1")
+    assert summary["val_loss"] < 3.2, summary
+
+
+def test_word2vec_follows_the_pytorch_reference_within_2_percent():
+    pytest.importorskip("torch")
+    result = subprocess.run([sys.executable, f"{ROOT}/scripts/compare_word2vec.py", "--epochs", "0.3",
+                             "--eval-every", "1000"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert abs(final["relative_difference"]) <= 0.02, final
+    assert final["ours_val_loss"] < 3.5, final   # both learned: untrained is 4.16
