@@ -69,11 +69,11 @@ class DataParallel:
     Its small gradients travel packed in one frame, and the server updates them with one
     optimizer call (see ``ps.server.Group``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
+    ``bucket_bytes=0`` sends every parameter in a message of its own.
 
     Floating-point buffers (BatchNorm's running statistics) are averaged over the workers
     at every clock through one extra key (see ``buffer_average.BufferAverage``), so each
     worker's, and the saved model's, statistics describe all the data.
-    ``bucket_bytes=0`` sends every parameter in a message of its own.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
