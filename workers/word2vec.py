@@ -2,6 +2,7 @@
 two embedding tables kept as sparse parameter-server keys, of which each step pulls and pushes
 only the rows its batch touches. Prints nearest neighbours of a few frequent words at the end."""
 import collections
+import functools
 import os
 import re
 import sys
@@ -94,16 +95,13 @@ def targets(pairs, noise):
     return np.concatenate([pairs[:, 1:2], noise], axis=1)
 
 
-LABELS = {}
-
-
+@functools.lru_cache(maxsize=8)
 def labels(batch, num_negatives):
-    """1 for the true context, 0 for each negative."""
-    key = (batch, num_negatives)
-    if key not in LABELS:
-        LABELS[key] = np.zeros((batch, 1 + num_negatives), np.float32)
-        LABELS[key][:, 0] = 1
-    return LABELS[key]
+    """1 for the true context, 0 for each negative (read-only: shared between calls)."""
+    array = np.zeros((batch, 1 + num_negatives), np.float32)
+    array[:, 0] = 1
+    array.flags.writeable = False
+    return array
 
 
 # --- model --------------------------------------------------------------------------------
@@ -217,6 +215,7 @@ def main(argv=None):
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr)
     checkpoint = harness.load_checkpoint(args, model, optimizer)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+        # The meter wraps the connections of DataParallel's own KVStore (no public handle).
         meter = WireMeter(trainer._store) if trainer.is_distributed else None
         workers, batch = trainer.num_workers, args.batch_size
         # Pairs per epoch vary a little with the subsampling draw: the first epoch's count
