@@ -32,8 +32,8 @@ def is_grad_enabled():
 def _sum_repeated_rows(rows, row_grads):
     """(sorted unique rows, their summed gradients) on numpy: each row's first gradient is
     copied and its repeats added with one flat add.at, in order (so the sums equal a
-    sequential add.at's bit for bit). np.add.at over whole rows costs ~35x more (word2vec's
-    backward; docs/performance.md)."""
+    sequential add.at's bit for bit): np.add.at over whole rows is far slower, and was most
+    of word2vec's step (docs/performance.md)."""
     order = np.argsort(rows, kind="stable")
     sorted_rows, ordered = rows[order], row_grads[order]
     first = np.ones(len(rows), bool)

@@ -5,10 +5,7 @@ import collections
 import functools
 import os
 import re
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
 
 import numpy as np
 
