@@ -5,6 +5,7 @@ import time
 import numpy as np
 
 from disttrain import backend, config
+from disttrain.buffer_average import BufferAverage
 from disttrain.observe.steps import StepTimer
 from disttrain.observe.trace import Tracer
 from disttrain.ps import client, membership, protocol
@@ -67,6 +68,10 @@ class DataParallel:
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
 
+    Floating-point buffers (BatchNorm's running statistics) are averaged over the workers
+    at every clock through one extra key (see ``buffer_average.BufferAverage``), so each
+    worker's, and the saved model's, statistics describe all the data.
+
     ``self.timer`` (disttrain.observe.steps.StepTimer) splits each step into compute, push,
     pull and apply. ``metrics_dir``: rank 0 tells the servers to write their metrics lines
     there (default: DISTTRAIN_METRICS_DIR, which the servers also read themselves).
@@ -115,8 +120,10 @@ class DataParallel:
             self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
             for name, p in self._params.items():
                 self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
+            self._averaged = BufferAverage(self.model, self._store)   # BatchNorm statistics
             if self.rank == 0:
-                self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                                  **self._averaged.initial()},
                                  self.optimizer.config(), self.mode, self.staleness,
                                  {"metrics_dir": self.metrics_dir} if self.metrics_dir else None)
             self._membership.barrier("worker")
@@ -235,10 +242,12 @@ class DataParallel:
             bucket.ready.clear()
         pending, self._pending = self._pending, []
         pulled, self._pulled = self._pulled, []
+        self._averaged.send(pending)
         self.clock += 1
         waited = self.timer.wait_for(pending)
         for targets in pulled:
             self._store_pulled(targets)
+        self._averaged.receive()
         self.timer.add("apply", waited, time.perf_counter())
         self.timer.step_done()
 

@@ -36,6 +36,7 @@ class KeyChunk:
     spare: list = field(default_factory=list)    # gradient buffers to reuse (warm pages)
     group: "groups.Group" = None            # while set, `param` is a view into group.param
     # and the optimizer state and pending gradients live in the group
+    average: bool = False                   # pushes are values to average, not gradients
 
     @property
     def members(self):
@@ -135,14 +136,14 @@ class Accumulator:
         if self.first is None and self.dense is None:
             self.first = gradient
             return
-        flat = self._materialize().reshape(-1)
+        flat = self.materialize().reshape(-1)
         for offset, piece in gradient.pieces:
             flat[offset:offset + piece.size] += piece
 
     def add_rows(self, gradient):
         self.rows.append(gradient)
 
-    def _materialize(self):
+    def materialize(self):
         if self.dense is None:
             self.dense = _gather(self.target, self.first.pieces if self.first else ())
             self.first = None
@@ -168,7 +169,7 @@ class Accumulator:
                                              (self.target.param.shape[0],) + values.shape[1:])
             if self.dense is None and self.first is None:
                 return RowGradient(summed.indices, summed.values)
-            self._materialize()[summed.indices] += summed.values
+            self.materialize()[summed.indices] += summed.values
             return DenseSum(self.dense)
         if self.first is not None:
             return self.first
@@ -265,6 +266,7 @@ class ServerState:
             shape = tuple(int(n) for n in spec["shape"])
             dtype = np.dtype(spec["dtype"])
             sparse = bool(spec.get("sparse", False))
+            average = bool(spec.get("average", False))
         except (KeyError, TypeError, ValueError) as error:
             raise RequestError(f"init: bad spec {spec!r} for key {name!r}: {error}") from None
         if dtype.name not in protocol.DTYPES or any(n < 0 for n in shape):
@@ -275,8 +277,10 @@ class ServerState:
                                f"on server {self.rank}")
         chunk = layout[index]
         param = np.empty((chunk.row_stop - chunk.row_start, chunk.row_size), dtype=dtype)
+        if average and sparse:
+            raise RequestError(f"init: key {name!r} cannot be both sparse and average")
         return KeyChunk(name, shape, dtype, chunk, sparse, param,
-                        pushes=[0] * self.num_workers)
+                        pushes=[0] * self.num_workers, average=average)
 
     # --- payload checks -------------------------------------------------------
     @staticmethod
@@ -450,9 +454,22 @@ class ServerState:
         gradient = accumulator.total()
         if gradient is None:
             return
+        if target.average:
+            self._average(target, accumulator)
+            return
         optimizer = self.config["optimizer"]
         gradient.apply(target, rules.RULES[optimizer["name"]],
                        dict(optimizer["hyper"], lr=float(lr)), divisor)
+
+    def _average(self, key, accumulator):
+        """An average key (buffers such as BatchNorm statistics): sync stores the mean of the
+        N pushed values; async / ssp move the stored value 1/N of the way to each push."""
+        total = accumulator.materialize()
+        if self.config["mode"] == "sync":
+            np.divide(total, self.num_workers, out=key.param)
+        else:
+            key.param += (total - key.param) / self.num_workers
+        key.spare.append(total)
 
     # --- pull -----------------------------------------------------------------
     def _check_pull(self, message):
