@@ -6,7 +6,7 @@ import numpy as np
 import zmq
 
 from disttrain import backend
-from disttrain.ps import protocol, transport
+from disttrain.ps import auth, protocol, transport
 from disttrain.ps.protocol import Message, Payload
 from disttrain.ps.server import MAX_CHUNK_BYTES, chunk_layout
 
@@ -60,14 +60,17 @@ class KVStore:
     """
 
     def __init__(self, book, rank, membership=None, timeout=None,
-                 max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, credentials=auth.FROM_ENV):
         backend.keep_freed_memory()
         self.rank, self.membership = rank, membership
         self.timeout = timeout if timeout is not None else transport.default_timeout()
         identity = transport.new_identity(f"worker{rank}")
-        self.connections = [transport.Connection(transport.pick_address(server), identity,
-                                                 max_message_bytes)
-                            for server in book["server"]]
+        keys = membership.credentials if membership is not None else \
+            auth.resolve(credentials, "worker", rank)
+        self.connections = [transport.Connection(
+            transport.pick_address(server), identity, max_message_bytes,
+            keys and auth.ClientCurve(keys, auth.key_name("server", server_rank)))
+            for server_rank, server in enumerate(book["server"])]
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]

@@ -6,7 +6,7 @@ import sys
 import threading
 import time
 
-from disttrain.ps import protocol, transport
+from disttrain.ps import auth, protocol, transport
 from disttrain.ps.protocol import Message
 
 ROLES = ("server", "worker")
@@ -31,10 +31,15 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0):
+                 timeout=300.0, credentials=auth.FROM_ENV):
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
-        self.listener = transport.Listener(bind_host, tcp_port=port, with_ipc=False)
+        credentials = auth.resolve(credentials, "scheduler")
+        security = credentials and auth.ServerCurve(credentials, ("server", "worker"), "scheduler")
+        # Scheduler messages carry no arrays: a header's worth is plenty.
+        self.listener = transport.Listener(bind_host, protocol.MAX_HEADER_BYTES, tcp_port=port,
+                                           with_ipc=False, security=security)
+        self.rejections = protocol.RejectionLog("scheduler")
         self.size = {"worker": num_workers, "server": num_servers}
         self.heartbeat_timeout, self.timeout = heartbeat_timeout, timeout
         self.nodes = {}          # node id -> info dict from register (+ rank, last_seen)
@@ -55,6 +60,9 @@ class Scheduler:
         if node is None:
             return self._error(identity, message, f"{message.op} from unregistered node "
                                                   f"{message.meta.get('node')!r}")
+        if node["peer"] != message.peer:   # a member's key speaks only for its own node
+            return self._error(identity, message, f"{message.op} for {node['role']} node "
+                                                  f"{message.meta['node']!r} from {message.peer}")
         node["last_seen"] = time.monotonic()
         if message.op == "heartbeat":
             self.listener.send(identity, Message("reply", message.id, "scheduler"))
@@ -67,7 +75,7 @@ class Scheduler:
             self._error(identity, message, f"the scheduler does not serve op {message.op!r}")
 
     def _error(self, identity, message, text):
-        _say(f"scheduler: bad request from {message.sender}: {text}")
+        self.rejections.say(f"bad request from {message.peer or message.sender}: {text}")
         self.listener.send(identity, protocol.error_reply(message.id, "scheduler", text))
 
     def _register(self, identity, message):
@@ -78,7 +86,11 @@ class Scheduler:
                                                   f"id, got role={role!r} node={node_id!r}")
         if self.book is not None:
             return self._error(identity, message, f"{role} registered after the job started")
-        requested = meta.get("rank")
+        refusal = auth.registration_refusal(message)
+        if refusal:
+            return self._error(identity, message, refusal)
+        # A key is bound to one rank: a keyed process gets its key's rank.
+        requested = auth.parse_key_name(message.peer)[1] if message.peer else meta.get("rank")
         if requested is not None and not (isinstance(requested, int)
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
@@ -89,7 +101,10 @@ class Scheduler:
         if len(taken) >= self.size[role]:
             return self._error(identity, message, f"more than {self.size[role]} {role}s "
                                                   f"registered")
-        self.nodes[node_id] = dict(meta, last_seen=time.monotonic())
+        if node_id in self.nodes:
+            return self._error(identity, message, f"node id {node_id!r} registered twice")
+        self.nodes[node_id] = dict(meta, rank=requested, peer=message.peer,
+                                   last_seen=time.monotonic())
         self.pending.append((identity, message))
         if len(self.nodes) == sum(self.size.values()):
             self._send_book()
@@ -153,7 +168,7 @@ class Scheduler:
                 try:
                     received = self.listener.receive(100)
                 except protocol.ProtocolError as error:
-                    _say(f"scheduler: rejected message: {error}")
+                    self.rejections.say(str(error))
                     self.listener.send(error.identity, protocol.error_reply(
                         error.request_id, "scheduler", str(error)))
                     continue
@@ -184,8 +199,11 @@ class Membership:
     socket (zmq sockets are never shared between threads)."""
 
     def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
-                 exit_on_dead=False):
+                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None):
         self.role, self.timeout = role, timeout
+        # Keys are per rank, so a keyed process knows its rank before it registers.
+        self.credentials = auth.resolve(credentials, role, rank)
+        self._scheduler_key = self.credentials and auth.ClientCurve(self.credentials, "scheduler")
         self.scheduler_address = f"tcp://{scheduler_address}"
         self.heartbeat_timeout = heartbeat_timeout
         self.exit_on_dead = exit_on_dead
@@ -195,11 +213,14 @@ class Membership:
         self.shutdown = threading.Event()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
-        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
+        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode(),
+                                              security=self._scheduler_key)
         self._beats = None
 
     @classmethod
     def from_env(cls, role, **kwargs):
+        rank = os.environ.get("DISTTRAIN_RANK", "")
+        kwargs.setdefault("rank", int(rank) if rank.isdigit() else None)
         return cls(role, os.environ["DISTTRAIN_SCHEDULER"],
                    heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
                    timeout=transport.default_timeout(), **kwargs)
@@ -221,6 +242,8 @@ class Membership:
         """Blocks until every process registered; returns the address book
         {"server": [...], "worker": [...]} (entries have rank, tcp, ipc, hostname, netns)."""
         hostname, netns = transport.host_identity()
+        if rank is None and self.credentials is not None:
+            rank = self.credentials.rank
         self._start_heartbeats()
         reply = self._request("register", f"register with the scheduler at "
                                           f"{self.scheduler_address}",
@@ -242,7 +265,8 @@ class Membership:
 
     def _heartbeat_loop(self):
         connection = transport.Connection(self.scheduler_address,
-                                          heartbeat_identity(self.node_id))
+                                          heartbeat_identity(self.node_id),
+                                          security=self._scheduler_key)
         interval = heartbeat_interval(self.heartbeat_timeout)
         last_answer = time.monotonic()
         try:

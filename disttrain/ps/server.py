@@ -11,7 +11,7 @@ import numpy as np
 
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import protocol, transport
+from disttrain.ps import auth, protocol, transport
 from disttrain.ps.protocol import Message, Payload
 
 MODES = ("sync", "async", "ssp")
@@ -610,23 +610,14 @@ def _by_key(message):
     return lists
 
 
-_rejected = 0
-
-
-def _log_rejected(text):
-    # A flood of bad messages must not flood the log: the first few, then every 100th.
-    global _rejected
-    _rejected += 1
-    if _rejected <= 10 or _rejected % 100 == 0:
-        print(f"disttrain: server rejected message #{_rejected}: {text}", file=sys.stderr,
-              flush=True)
-
-
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None):
     """A server process's loop: register, then answer requests until the scheduler says
     shutdown (return 0) or reports a dead peer (return 1)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
-    listener = transport.Listener(host, max_message_bytes)
+    keys = membership.credentials
+    listener = transport.Listener(host, max_message_bytes, security=keys and auth.ServerCurve(
+        keys, ("worker",), f"server {keys.rank}"))
+    rejections = protocol.RejectionLog("server")
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=_env_rank())
@@ -637,22 +628,24 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             try:
                 received = listener.receive(100)
             except protocol.ProtocolError as error:
-                _log_rejected(str(error))
+                rejections.say(str(error))
                 listener.send(error.identity, protocol.error_reply(
                     error.request_id, state.sender, str(error)))
                 continue
             if received is None:
                 continue
             identity, message = received
+            refusal = auth.worker_refusal(message)
             try:
-                replies = state.handle(identity, message)
+                replies = [(identity, protocol.error_reply(message.id, state.sender, refusal))] \
+                    if refusal else state.handle(identity, message)
             except Exception as error:  # a bug must not take the job down silently
                 traceback.print_exc()
                 replies = [(identity, protocol.error_reply(
                     message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
             for route, reply in replies:
                 if reply.op == "error":
-                    _log_rejected(reply.meta["error"])
+                    rejections.say(reply.meta["error"])
                 listener.send(route, reply)
         return 0
     finally:

@@ -1,6 +1,7 @@
 """Sockets, framing and deadlines: moves protocol Messages between processes over tcp or
 ipc. It knows nothing of keys, clocks or roles."""
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -8,7 +9,7 @@ import uuid
 
 import zmq
 
-from disttrain.ps import protocol
+from disttrain.ps import auth, protocol
 
 
 class PeerDied(RuntimeError):
@@ -100,10 +101,12 @@ def new_identity(role):
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
 
 
-def configure(sock, max_message_bytes):
+def configure(sock, max_message_bytes, security=None):
     sock.setsockopt(zmq.LINGER, 0)
     # zmq drops a peer that sends a frame larger than this before we ever see it.
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if security is not None:   # CURVE keys must be set before bind / connect
+        security.apply(sock)
     return sock
 
 
@@ -112,25 +115,31 @@ class Listener:
     host, on an ipc path. Replies go back to the identity a request came from."""
 
     def __init__(self, host, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 tcp_port=None, with_ipc=True):
+                 tcp_port=None, with_ipc=True, security=None):
         self.max_message_bytes = max_message_bytes
         self._timeout_ms = -1
-        self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes)
+        # security (an auth.ServerCurve, or None for an insecure job) is applied before bind.
+        self.security = security
+        self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes, security)
         # A reply to a peer that went away is dropped rather than blocking the server.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if tcp_port is None:
-            port = self.socket.bind_to_random_port(f"tcp://{host}")
-        else:
-            self.socket.bind(f"tcp://{host}:{tcp_port}")
-            port = tcp_port
-        self.tcp_address = f"tcp://{host}:{port}"
-        self.ipc_path = None
+        self.ipc_directory = None
         self.ipc_address = ""
-        if with_ipc:
-            self.ipc_path = os.path.join(tempfile.gettempdir(),
-                                         f"disttrain-{uuid.uuid4().hex[:12]}.ipc")
-            self.ipc_address = f"ipc://{self.ipc_path}"
-            self.socket.bind(self.ipc_address)
+        try:
+            if tcp_port is None:
+                port = self.socket.bind_to_random_port(f"tcp://{host}")
+            else:
+                self.socket.bind(f"tcp://{host}:{tcp_port}")
+                port = tcp_port
+            if with_ipc:
+                # A private (0700) directory: only this user's processes reach the socket file.
+                self.ipc_directory = tempfile.mkdtemp(prefix="disttrain-")
+                self.ipc_address = f"ipc://{os.path.join(self.ipc_directory, 'listener.ipc')}"
+                self.socket.bind(self.ipc_address)
+        except BaseException:
+            self.close()
+            raise
+        self.tcp_address = f"tcp://{host}:{port}"
 
     def receive(self, timeout_ms):
         """(identity, Message) for the next request, or None after timeout_ms. A bad
@@ -145,11 +154,14 @@ class Listener:
             return None
         identity, body = frames[0].bytes, frames[1:]
         try:
-            return identity, protocol.decode(body, self.max_message_bytes)
+            message = protocol.decode(body, self.max_message_bytes)
         except protocol.ProtocolError as error:
             error.identity = identity
             error.request_id = protocol.peek_request_id(body) if body else 0
             raise
+        if self.security is not None:
+            message.peer = auth.sender_of(body[0])
+        return identity, message
 
     def send(self, identity, message):
         self.socket.send_multipart([identity] + protocol.encode(message), copy=False)
@@ -157,20 +169,21 @@ class Listener:
     def close(self, linger_ms=0):
         """linger_ms > 0 lets queued replies and notices leave before the socket goes."""
         self.socket.close(linger=linger_ms)
-        if self.ipc_path:
-            try:
-                os.unlink(self.ipc_path)
-            except OSError:
-                pass
+        if self.security is not None:
+            self.security.release()
+        if self.ipc_directory:
+            shutil.rmtree(self.ipc_directory, ignore_errors=True)
 
 
 class Connection:
     """A DEALER socket connected to one peer's Listener."""
 
-    def __init__(self, address, identity, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address, identity, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 security=None):
         self.address = address
         self.max_message_bytes = max_message_bytes
-        self.socket = configure(context().socket(zmq.DEALER), max_message_bytes)
+        # security: an auth.ClientCurve holding the peer's public key, or None (insecure).
+        self.socket = configure(context().socket(zmq.DEALER), max_message_bytes, security)
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.connect(address)
 

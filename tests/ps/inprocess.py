@@ -1,9 +1,11 @@
 """Test helper: a parameter-server job inside the test process (scheduler, servers and
 workers on threads, talking over loopback sockets), for fast tests of the real protocol."""
+import os
+import tempfile
 import threading
 from contextlib import contextmanager
 
-from disttrain.ps import client, scheduler, server
+from disttrain.ps import auth, client, scheduler, server
 from tests.ps.cluster import free_port
 
 TIMEOUT = 60
@@ -13,27 +15,38 @@ TIMEOUT = 60
 def job(num_workers, num_servers):
     """Scheduler and servers on threads; yields connect(), which registers all workers
     at once (registration waits for everyone) and returns their (membership, store) in
-    rank order. Everything is shut down on exit."""
+    rank order. Everything is shut down on exit. Every socket speaks CURVE with the job's
+    own keys, as in a launched job; connect.keys is their directory (for DISTTRAIN_KEYS)."""
     address = f"127.0.0.1:{free_port()}"
+    keys = os.path.join(tempfile.mkdtemp(prefix="disttrain-test-"), "keys")
+    auth.make_key_directory(keys, num_workers, num_servers)
+
+    def credentials(role, rank=None):
+        return auth.load_credentials(keys, role, rank)
+
     sched = scheduler.Scheduler(address, num_workers, num_servers, heartbeat_timeout=30,
-                                timeout=TIMEOUT)
+                                timeout=TIMEOUT, credentials=credentials("scheduler"))
     threads = [threading.Thread(target=sched.run, daemon=True)]
     threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
-        membership=scheduler.Membership("server", address, 30, TIMEOUT), host="127.0.0.1"))
-        for _ in range(num_servers)]
+        membership=scheduler.Membership("server", address, 30, TIMEOUT,
+                                        credentials=credentials("server", rank)),
+        host="127.0.0.1"))
+        for rank in range(num_servers)]
     for thread in threads:
         thread.start()
     connected = []
 
     def connect():
         def one(rank):
-            membership = scheduler.Membership("worker", address, 30, TIMEOUT)
+            membership = scheduler.Membership("worker", address, 30, TIMEOUT,
+                                              credentials=credentials("worker", rank))
             book = membership.register(rank=rank)
             connected.append((membership, client.KVStore(book, rank, membership, TIMEOUT)))
         run_workers(num_workers, one)
         return sorted(connected, key=lambda pair: pair[0].rank)
 
     connect.address = address   # for a worker that registers by itself (DataParallel)
+    connect.keys = keys
     try:
         yield connect
     finally:
@@ -45,6 +58,8 @@ def job(num_workers, num_servers):
                 membership.close()
         for thread in threads:
             thread.join(timeout=10)
+        auth.remove_key_directory(keys)
+        os.rmdir(os.path.dirname(keys))
         assert not any(t.is_alive() for t in threads), "scheduler or server did not stop"
 
 
