@@ -3,7 +3,7 @@ import os
 import sys
 
 from disttrain import backend
-from disttrain.ps import scheduler, server, transport
+from disttrain.ps import auth, scheduler, server, transport
 
 
 def _env_int(name):
@@ -14,6 +14,13 @@ def _env_int(name):
 
 
 def main():
+    try:
+        return run_role()
+    except auth.KeysError as error:
+        raise SystemExit(str(error)) from None
+
+
+def run_role():
     role = os.environ.get("DISTTRAIN_ROLE", "")
     address = os.environ.get("DISTTRAIN_SCHEDULER", "")
     try:

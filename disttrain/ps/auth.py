@@ -31,6 +31,10 @@ HOW_TO_GET_KEYS = (f"the launcher makes them; another launcher runs `python -m l
                    f"without authentication or encryption")
 
 
+class KeysError(RuntimeError):
+    """This process cannot get the job's keys (or CURVE): the text says how to fix it."""
+
+
 def _say(text):
     print(f"disttrain: {text}", file=sys.stderr, flush=True)
 
@@ -38,7 +42,7 @@ def _say(text):
 def require_curve():
     """Fail loudly where libzmq cannot encrypt: a job never silently runs in the clear."""
     if not zmq.has("curve"):
-        raise RuntimeError(
+        raise KeysError(
             f"disttrain: this pyzmq's libzmq {zmq.zmq_version()} was built without CURVE "
             f"(zmq.has('curve') is False), so the job's sockets cannot be authenticated or "
             f"encrypted. Install a pyzmq wheel (they bundle libsodium): `pip install "
@@ -153,16 +157,20 @@ def load_credentials(directory, role, rank=None):
     """The Credentials of (role, rank) from a key directory. Without a rank, the directory
     must hold exactly one secret key of that role (what a remote host receives)."""
     require_curve()
-    mode = os.stat(directory).st_mode
+    try:
+        mode = os.stat(directory).st_mode
+    except OSError as error:
+        raise KeysError(f"disttrain: cannot read the key directory {directory}: {error}; "
+                        f"{HOW_TO_GET_KEYS}") from None
     if mode & 0o077:
-        raise PermissionError(f"disttrain: key directory {directory} has mode {mode & 0o777:o}: "
+        raise KeysError(f"disttrain: key directory {directory} has mode {mode & 0o777:o}: "
                               f"others could read the job's secret keys; chmod 700 it")
     files = os.listdir(directory)
     if rank is None and role != "scheduler":
         mine = [f[:-len(SECRET_SUFFIX)] for f in files
                 if f.endswith(SECRET_SUFFIX) and f.startswith(role + "-")]
         if len(mine) != 1:
-            raise ValueError(f"disttrain: {directory} holds {len(mine)} {role} secret keys; "
+            raise KeysError(f"disttrain: {directory} holds {len(mine)} {role} secret keys; "
                              f"set DISTTRAIN_RANK to say which is this process's")
         name = mine[0]
     else:
@@ -175,11 +183,11 @@ def load_credentials(directory, role, rank=None):
             members[member] = zmq.auth.load_certificate(os.path.join(directory, file_name))[0]
     secret_file = os.path.join(directory, name + SECRET_SUFFIX)
     if not os.path.exists(secret_file):
-        raise FileNotFoundError(f"disttrain: no secret key {secret_file} for {role} "
+        raise KeysError(f"disttrain: no secret key {secret_file} for {role} "
                                 f"{'' if rank is None else rank}: {HOW_TO_GET_KEYS}")
     public, secret = zmq.auth.load_certificate(secret_file)
     if secret is None or members.get(name) != public:
-        raise ValueError(f"disttrain: {secret_file} is not the secret key of {name}'s public "
+        raise KeysError(f"disttrain: {secret_file} is not the secret key of {name}'s public "
                          f"key in {directory}")
     return Credentials(name, public, secret, members)
 
@@ -200,7 +208,7 @@ def credentials_from_env(role, rank=None):
         return None
     directory = os.environ.get(KEYS_VARIABLE)
     if not directory:
-        raise RuntimeError(f"disttrain: {KEYS_VARIABLE} is not set, and every socket of a job "
+        raise KeysError(f"disttrain: {KEYS_VARIABLE} is not set, and every socket of a job "
                            f"uses CURVE with the job's own keys: {HOW_TO_GET_KEYS}")
     return load_credentials(directory, role, rank)
 
