@@ -1,6 +1,8 @@
 """Parameter-server benchmark: push+pull throughput for 1-256 MB models on 1 and 2 servers,
 next to raw pyzmq PUSH/PULL moving the same bytes in the same run, and the round trip of a
-tiny push+pull next to a raw DEALER/ROUTER round trip. Last line: one JSON object.
+tiny push+pull next to a raw DEALER/ROUTER round trip; then the cost of CURVE: the same
+push+pull and round trip on one server with the job's keys (the default) against
+DISTTRAIN_INSECURE=1, in alternating rounds. Last line: one JSON object.
 
     python scripts/bench_ps.py [--sizes 1,16,64,256] [--servers 1,2] [--transport ipc|tcp]
 
@@ -26,7 +28,7 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from disttrain.ps import client, scheduler  # noqa: E402
+from disttrain.ps import auth, client, scheduler  # noqa: E402
 
 RAW_MESSAGE_BYTES = 1 << 20
 MB = 1 << 20
@@ -118,15 +120,23 @@ def raw_round_trip(peer, repeats):
 
 # --- the parameter server ---------------------------------------------------------------------
 class Job:
-    """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one worker."""
+    """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one
+    worker. `secure`: CURVE with fresh keys, as launched jobs run; else DISTTRAIN_INSECURE=1."""
 
-    def __init__(self, num_servers, transport):
+    def __init__(self, num_servers, transport, secure=True):
         port = free_port()
+        self.keys = tempfile.mkdtemp(prefix="bench-keys-") if secure else None
+        if secure:
+            auth.make_key_directory(self.keys, 1, num_servers)
+        security = {"DISTTRAIN_KEYS": self.keys} if secure else {"DISTTRAIN_INSECURE": "1"}
         self.env = dict(os.environ, DISTTRAIN_SCHEDULER=f"127.0.0.1:{port}",
                         DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS=str(num_servers),
-                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120")
-        self.processes = [self._start("scheduler")] + [self._start("server") for _ in range(num_servers)]
-        self.membership = scheduler.Membership("worker", f"127.0.0.1:{port}", 10, 120)
+                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120", **security)
+        self.processes = [self._start("scheduler")] + [
+            self._start("server", rank) for rank in range(num_servers)]
+        credentials = auth.load_credentials(self.keys, "worker", 0) if secure else None
+        self.membership = scheduler.Membership("worker", f"127.0.0.1:{port}", 10, 120,
+                                               credentials=credentials)
         book = self.membership.register()
         if transport == "tcp":   # without an ipc address the client connects over tcp
             for entry in book["server"]:
@@ -134,9 +144,12 @@ class Job:
         self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
         self.arrays = {}
 
-    def _start(self, role):
-        return subprocess.Popen([sys.executable, "-m", "disttrain.ps"],
-                                env=dict(self.env, DISTTRAIN_ROLE=role), start_new_session=True)
+    def _start(self, role, rank=None):
+        env = dict(self.env, DISTTRAIN_ROLE=role)
+        if rank is not None:
+            env["DISTTRAIN_RANK"] = str(rank)
+        return subprocess.Popen([sys.executable, "-m", "disttrain.ps"], env=env,
+                                start_new_session=True)
 
     def close(self):
         try:
@@ -150,6 +163,7 @@ class Job:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+            auth.remove_key_directory(self.keys)
 
 
 def ps_throughput(job, nbytes, repeats, key, clock):
@@ -239,11 +253,46 @@ def main():
         echo.close()
     print(f"tiny push+pull round trip {ps_rtt * 1e6:.0f} us (median), raw DEALER/ROUTER "
           f"{raw_rtt * 1e6:.0f} us, ratio {ps_rtt / raw_rtt:.2f}")
+    curve_ratios, curve_rtt_ratio = curve_cost(args, sizes)
     # The figure per size is the best server count's ratio; the table shows each.
     summary = {"throughput_ratio_16mb": round(max(ratios[16]), 3) if 16 in ratios else None,
                "throughput_ratio_256mb": round(max(ratios[256]), 3) if 256 in ratios else None,
-               "rtt_ratio": round(ps_rtt / raw_rtt, 3)}
+               "rtt_ratio": round(ps_rtt / raw_rtt, 3),
+               "curve_throughput_ratio_16mb": curve_ratios.get(16),
+               "curve_rtt_ratio": curve_rtt_ratio}
     print(json.dumps(summary))
+
+
+def curve_cost(args, sizes):
+    """({size: CURVE / insecure push+pull throughput}, CURVE / insecure round trip), one
+    server each, rounds alternating between the two jobs so both see the same machine load."""
+    print(f"CURVE (the default) against DISTTRAIN_INSECURE=1, 1 server, {args.transport}")
+    print(f"{'model MB':>8} {'curve GB/s':>10} {'insecure GB/s':>13} {'ratio':>6}")
+    jobs = {"curve": Job(1, args.transport, secure=True),
+            "insecure": Job(1, args.transport, secure=False)}
+    ratios = {}
+    try:
+        for size in sizes:
+            best = {"curve": 0.0, "insecure": 0.0}
+            clocks = {"curve": 0, "insecure": 0}
+            for _ in range(args.rounds):
+                for name, job in jobs.items():
+                    rate, clocks[name] = ps_throughput(job, size * MB, repeats_for(size * MB),
+                                                       f"model{size}", clocks[name])
+                    best[name] = max(best[name], rate)
+            ratios[size] = round(best["curve"] / best["insecure"], 3)
+            print(f"{size:>8} {best['curve'] / 1e9:>10.2f} {best['insecure'] / 1e9:>13.2f} "
+                  f"{ratios[size]:>6.2f}", flush=True)
+        rtt = {"curve": float("inf"), "insecure": float("inf")}
+        for _ in range(args.rounds):
+            for name, job in jobs.items():
+                rtt[name] = min(rtt[name], ps_round_trip(job, args.rtt_repeats))
+    finally:
+        for job in jobs.values():
+            job.close()
+    print(f"tiny push+pull round trip: curve {rtt['curve'] * 1e6:.0f} us, insecure "
+          f"{rtt['insecure'] * 1e6:.0f} us (medians), ratio {rtt['curve'] / rtt['insecure']:.2f}")
+    return ratios, round(rtt["curve"] / rtt["insecure"], 3)
 
 
 if __name__ == "__main__":

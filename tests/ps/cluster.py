@@ -53,10 +53,11 @@ class Cluster:
         for rank in range(self.num_servers):
             self._start(f"server{rank}", [sys.executable, "-m", "disttrain.ps"], "server", rank)
 
-    def start_workers(self, *args):
+    def start_workers(self, *args, program=None):
+        """Every worker runs train_program.py with `args`, or `program` (a list of words)."""
+        argv = [sys.executable] + (program or [PROGRAM, "--out", self.directory, *map(str, args)])
         for rank in range(self.num_workers):
-            self._start(f"worker{rank}", [sys.executable, PROGRAM, "--out", self.directory,
-                                          *map(str, args)], "worker", rank)
+            self._start(f"worker{rank}", argv, "worker", rank)
 
     def wait(self, seconds):
         """{name: exit code} once all exited; None for those still running at the deadline."""
