@@ -231,6 +231,27 @@ class ServerCurve:
         self.allowed = credentials.public_keys(accept)
         self.domain = f"disttrain-{uuid.uuid4().hex[:12]}"
 
+        self.accept = accept
+        self.local_peers = {}     # pid -> member name, for this host's ipc peers
+
+    def learn_local_peers(self, book, here):
+        """Map the pids of the job's members on this host (hostname, netns) to their names,
+        from the scheduler's address book. A pid that runs two members (a test running a
+        whole job in one process) names neither: those must connect over tcp."""
+        names = {}
+        for role in self.accept:
+            for entry in book.get(role, ()):
+                if (entry.get("hostname"), entry.get("netns")) == tuple(here) and "pid" in entry:
+                    names.setdefault(entry["pid"], []).append(key_name(role, entry["rank"]))
+        self.local_peers = {pid: found[0] if len(found) == 1 else "several members of this job"
+                            for pid, found in names.items()}
+
+    def local_peer(self, frame):
+        """The member that sent a frame over ipc: the kernel's peer pid (SO_PEERCRED, as
+        libzmq's "Peer-Address" ...:uid:gid:pid) looked up among this host's members."""
+        pid = frame.get("Peer-Address").rsplit(":", 1)[-1]
+        return self.local_peers.get(int(pid) if pid.isdigit() else -1, f"process {pid}")
+
     def apply(self, socket):
         socket.curve_secretkey = self.credentials.secret
         socket.curve_publickey = self.credentials.public
@@ -340,7 +361,10 @@ def worker_refusal(message):
     ask a server anything, and only in its own rank's name."""
     if not message.peer:
         return None          # insecure job: nobody's identity is known
-    role, rank = parse_key_name(message.peer)
+    try:
+        role, rank = parse_key_name(message.peer)
+    except ValueError:       # an ipc peer that is no member of the job
+        return f"{message.op} from {message.peer}, which is no worker of this job"
     if role != "worker":
         return f"{message.op} from {message.peer}: only workers talk to servers"
     claimed = message.meta.get("rank", rank)

@@ -120,7 +120,7 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns")}
+        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns", "pid")}
                          for n in nodes] for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:

@@ -621,6 +621,8 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=_env_rank())
+        if listener.security is not None:   # who is who among this host's ipc peers
+            listener.security.learn_local_peers(book, transport.host_identity())
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
         while not membership.shutdown.is_set():
             if membership.dead:
