@@ -40,6 +40,16 @@ def listening_tcp_ports(pid):
     return ports
 
 
+def listening_ipc_paths(pid):
+    """The unix socket paths process `pid` listens on (/proc/net/unix, by inode)."""
+    inodes = {os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:["):-1]
+              for fd in os.listdir(f"/proc/{pid}/fd")
+              if os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:[")}
+    with open("/proc/net/unix") as table:
+        return [fields[7] for fields in (line.split() for line in list(table)[1:])
+                if len(fields) == 8 and fields[6] in inodes]
+
+
 def wait_until(condition, what, deadline_s=DEADLINE_S):
     end = time.monotonic() + deadline_s
     while not condition():
@@ -122,6 +132,15 @@ def test_strangers_get_no_reply_and_the_job_is_bit_for_bit_unchanged(tmp_path):
                     sock.connect(targets[target])
                     sock.send_multipart(protocol.encode(message))
                     sockets.append((variant, target, message.op, sock))
+        # A process of the same user on the same host reaches the ipc socket, but is no
+        # member: the kernel tells the server its pid, which is in no one's registration.
+        [ipc_path] = [path for path in listening_ipc_paths(cluster.processes["server0"].pid)
+                      if path.endswith(".ipc")]
+        local = context.socket(zmq.DEALER)
+        local.setsockopt(zmq.LINGER, 0)
+        local.connect(f"ipc://{ipc_path}")
+        local.send_multipart(protocol.encode(stranger_messages()["server"][2]))
+        sockets.append(("same user, ipc", "server", "pull", local))
         # Both keyed strangers were turned away at the door before any worker starts.
         wait_until(lambda: "server 0 refused a connection from 127.0.0.1" in cluster.read("server0")
                    and "scheduler refused a connection from 127.0.0.1" in cluster.read("scheduler"),
@@ -129,8 +148,14 @@ def test_strangers_get_no_reply_and_the_job_is_bit_for_bit_unchanged(tmp_path):
 
     try:
         attacked, logs = run_job(str(tmp_path / "attacked"), strangers)
-        answered = [(variant, target, op) for variant, target, op, sock in sockets if sock.poll(0)]
+        answered = [(variant, target, op) for variant, target, op, sock in sockets[:-1]
+                    if sock.poll(0)]
         assert answered == []
+        local = sockets[-1][-1]
+        assert local.poll(DEADLINE_S * 1000)
+        reply = protocol.decode(local.recv_multipart())
+        assert reply.op == "error" and not reply.payloads, reply
+        assert f"from process {os.getpid()}, which is no worker of this job" in reply.meta["error"]
     finally:
         for *_, sock in sockets:
             sock.close()
