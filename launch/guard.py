@@ -65,7 +65,7 @@ def main(argv=None):
         from launch import keys   # imports zmq: only guards that need it pay for it
         try:
             directory = env["DISTTRAIN_KEYS"] = keys.receive_on_stdin()
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, EOFError, ValueError, KeyError) as error:
             print(f"launch.guard: cannot receive the job's keys: {error}", file=sys.stderr)
             return 2
         remove_keys = lambda: keys.auth.remove_key_directory(directory)  # noqa: E731

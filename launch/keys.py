@@ -57,10 +57,10 @@ def receive_on_stdin(deadline_s=STDIN_DEADLINE_S):
     while not data.endswith(b"\n"):
         remaining = end - time.monotonic()
         if remaining <= 0 or not select.select([0], [], [], remaining)[0]:
-            raise TimeoutError(f"launch.guard: no keys on stdin within {deadline_s:g} s")
+            raise TimeoutError(f"no keys on stdin within {deadline_s:g} s")
         byte = os.read(0, 1)
         if not byte:
-            raise EOFError("launch.guard: stdin closed before the job's keys arrived")
+            raise EOFError("stdin closed before the job's keys arrived")
         data += byte
     files = json.loads(data)["files"]
     return auth.write_key_directory(tempfile.mkdtemp(prefix="disttrain-keys-"), files)
