@@ -1,8 +1,9 @@
 """Parameter-server benchmark: push+pull throughput for 1-256 MB models on 1 and 2 servers,
 next to raw pyzmq PUSH/PULL moving the same bytes in the same run, and the round trip of a
 tiny push+pull next to a raw DEALER/ROUTER round trip; then the cost of CURVE: the same
-push+pull and round trip on one server with the job's keys (the default) against
-DISTTRAIN_INSECURE=1, in alternating rounds. Last line: one JSON object.
+push+pull and round trip on one server over tcp with the job's keys (the default) against
+DISTTRAIN_INSECURE=1, in alternating rounds (`--curve-transport ipc` measures the same-host
+default instead, which has no CURVE). Last line: one JSON object.
 
     python scripts/bench_ps.py [--sizes 1,16,64,256] [--servers 1,2] [--transport ipc|tcp]
 
@@ -45,6 +46,11 @@ def raw_peer(kind, address_in, address_out):
     context = zmq.Context()
     if kind == "pushpull":
         inbound, outbound = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+        secret = os.environ.get("BENCH_CURVE_SECRET")   # throw-away keys, never argv
+        for sock in (inbound, outbound) if secret else ():
+            sock.curve_secretkey, sock.curve_publickey = secret.encode(), \
+                zmq.curve_public(secret.encode())
+            sock.curve_server = True
         inbound.bind(address_in)
         outbound.bind(address_out)
         while True:   # echo each message as it arrives: out and back overlap
@@ -59,18 +65,25 @@ def raw_peer(kind, address_in, address_out):
 class RawPeer:
     """A raw pyzmq peer process and this process's sockets to it, kept for the whole run."""
 
-    def __init__(self, kind, transport):
+    def __init__(self, kind, transport, curve=False):
         def address():
             if transport == "ipc":
                 return f"ipc://{tempfile.gettempdir()}/bench-{uuid.uuid4().hex[:10]}.ipc"
             return f"tcp://127.0.0.1:{free_port()}"
         address_in, address_out = address(), address()
         self.ipc_paths = [a[len("ipc://"):] for a in (address_in, address_out) if a.startswith("ipc://")]
+        server_public, server_secret = zmq.curve_keypair()
+        env = dict(os.environ, BENCH_CURVE_SECRET=server_secret.decode()) if curve else None
         self.process = subprocess.Popen([sys.executable, __file__, "--raw-peer", kind,
-                                         address_in, address_out], start_new_session=True)
+                                         address_in, address_out], start_new_session=True,
+                                        env=env)
         self.context = zmq.Context()
         if kind == "pushpull":
             self.out, self.back = self.context.socket(zmq.PUSH), self.context.socket(zmq.PULL)
+            public, secret = zmq.curve_keypair()
+            for sock in (self.out, self.back) if curve else ():
+                sock.curve_publickey, sock.curve_secretkey = public, secret
+                sock.curve_serverkey = server_public
             self.out.connect(address_in)
             self.back.connect(address_out)
         else:
@@ -214,6 +227,8 @@ def main():
     parser.add_argument("--sizes", default="1,16,64,256", help="model sizes in MB")
     parser.add_argument("--servers", default="1,2")
     parser.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
+    parser.add_argument("--curve-transport", default="tcp", choices=["ipc", "tcp"],
+                        help="transport of the CURVE against --insecure comparison")
     parser.add_argument("--rtt-repeats", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -266,23 +281,32 @@ def main():
 def curve_cost(args, sizes):
     """({size: CURVE / insecure push+pull throughput}, CURVE / insecure round trip), one
     server each, rounds alternating between the two jobs so both see the same machine load."""
-    print(f"CURVE (the default) against DISTTRAIN_INSECURE=1, 1 server, {args.transport}")
-    print(f"{'model MB':>8} {'curve GB/s':>10} {'insecure GB/s':>13} {'ratio':>6}")
-    jobs = {"curve": Job(1, args.transport, secure=True),
-            "insecure": Job(1, args.transport, secure=False)}
+    print(f"keys (the default: CURVE on tcp) against DISTTRAIN_INSECURE=1, 1 server, "
+          f"{args.curve_transport}")
+    print(f"{'model MB':>8} {'curve GB/s':>10} {'insecure GB/s':>13} {'ratio':>6} "
+          f"{'raw pyzmq curve/plain':>22}")
+    jobs = {"curve": Job(1, args.curve_transport, secure=True),
+            "insecure": Job(1, args.curve_transport, secure=False)}
+    # What CURVE costs raw pyzmq on the same bytes: the ceiling of the ratio above.
+    raw = {"curve": RawPeer("pushpull", args.curve_transport, curve=True),
+           "insecure": RawPeer("pushpull", args.curve_transport)}
     ratios = {}
     try:
         for size in sizes:
             best = {"curve": 0.0, "insecure": 0.0}
+            best_raw = {"curve": 0.0, "insecure": 0.0}
             clocks = {"curve": 0, "insecure": 0}
             for _ in range(args.rounds):
                 for name, job in jobs.items():
                     rate, clocks[name] = ps_throughput(job, size * MB, repeats_for(size * MB),
                                                        f"model{size}", clocks[name])
                     best[name] = max(best[name], rate)
+                    best_raw[name] = max(best_raw[name], raw_throughput(
+                        raw[name], size * MB, repeats_for(size * MB)))
             ratios[size] = round(best["curve"] / best["insecure"], 3)
             print(f"{size:>8} {best['curve'] / 1e9:>10.2f} {best['insecure'] / 1e9:>13.2f} "
-                  f"{ratios[size]:>6.2f}", flush=True)
+                  f"{ratios[size]:>6.2f} {best_raw['curve'] / best_raw['insecure']:>22.2f}",
+                  flush=True)
         rtt = {"curve": float("inf"), "insecure": float("inf")}
         for _ in range(args.rounds):
             for name, job in jobs.items():
@@ -290,6 +314,8 @@ def curve_cost(args, sizes):
     finally:
         for job in jobs.values():
             job.close()
+        for peer in raw.values():
+            peer.close()
     print(f"tiny push+pull round trip: curve {rtt['curve'] * 1e6:.0f} us, insecure "
           f"{rtt['insecure'] * 1e6:.0f} us (medians), ratio {rtt['curve'] / rtt['insecure']:.2f}")
     return ratios, round(rtt["curve"] / rtt["insecure"], 3)
