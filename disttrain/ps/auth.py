@@ -249,7 +249,10 @@ class ServerCurve:
     def local_peer(self, frame):
         """The member that sent a frame over ipc: the kernel's peer pid (SO_PEERCRED, as
         libzmq's "Peer-Address" ...:uid:gid:pid) looked up among this host's members."""
-        pid = frame.get("Peer-Address").rsplit(":", 1)[-1]
+        try:
+            pid = frame.get("Peer-Address").rsplit(":", 1)[-1]
+        except zmq.ZMQError:   # no peer credentials: nobody this job knows
+            return "an unidentified ipc peer"
         return self.local_peers.get(int(pid) if pid.isdigit() else -1, f"process {pid}")
 
     def apply(self, socket):

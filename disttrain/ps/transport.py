@@ -168,19 +168,14 @@ class Listener:
                 return self.socket.recv_multipart(copy=False), False
             except zmq.Again:
                 return None
-        for attempt in range(2):
-            # Take turns, so that a busy peer on one socket cannot starve the other.
-            self._ipc_first = not self._ipc_first
-            order = (self.ipc_socket, self.socket) if self._ipc_first else \
-                (self.socket, self.ipc_socket)
-            for sock in order:
-                try:
-                    return sock.recv_multipart(zmq.NOBLOCK, copy=False), sock is self.ipc_socket
-                except zmq.Again:
-                    pass
-            if attempt == 0 and not self._poller.poll(timeout_ms):
-                return None
-        return None
+        ready = self._poller.poll(timeout_ms)
+        if not ready:
+            return None
+        # Both ready: take turns, so that a busy peer on one cannot starve the other.
+        self._ipc_first = not self._ipc_first
+        sock = ready[0][0] if len(ready) == 1 else \
+            (self.ipc_socket if self._ipc_first else self.socket)
+        return sock.recv_multipart(zmq.NOBLOCK, copy=False), sock is self.ipc_socket
 
     def receive(self, timeout_ms):
         """(identity, Message) for the next request, or None after timeout_ms. A bad
