@@ -230,6 +230,7 @@ class ServerCurve:
         self.credentials, self.label = credentials, label
         self.allowed = credentials.public_keys(accept)
         self.domain = f"disttrain-{uuid.uuid4().hex[:12]}"
+        self.ipc_domain = self.domain + "-ipc"
 
         self.accept = accept
         self.local_peers = {}     # pid -> member name, for this host's ipc peers
@@ -246,14 +247,21 @@ class ServerCurve:
         self.local_peers = {pid: found[0] if len(found) == 1 else "several members of this job"
                             for pid, found in names.items()}
 
-    def local_peer(self, frame):
-        """The member that sent a frame over ipc: the kernel's peer pid (SO_PEERCRED, as
-        libzmq's "Peer-Address" ...:uid:gid:pid) looked up among this host's members."""
-        try:
-            pid = frame.get("Peer-Address").rsplit(":", 1)[-1]
-        except zmq.ZMQError:   # no peer credentials: nobody this job knows
-            return "an unidentified ipc peer"
-        return self.local_peers.get(int(pid) if pid.isdigit() else -1, f"process {pid}")
+    def peer_of(self, frame):
+        """The member that sent a received frame, from its connection's ZAP User-Id: over
+        tcp the key's name; over ipc "pid:N", the kernel's word for the peer process (see
+        _JobAuthenticator), looked up among this host's members."""
+        user = frame.get("User-Id")
+        if user.startswith(IPC_USER_PREFIX):
+            pid = user[len(IPC_USER_PREFIX):]
+            return self.local_peers.get(int(pid), f"process {pid}")
+        return user
+
+    def apply_local(self, socket):
+        """For the ipc endpoint bound next: no CURVE, but a ZAP domain of its own, so each
+        connection is named by its peer's pid."""
+        socket.zap_domain = self.ipc_domain.encode()
+        _gate.open(socket.context, self)
 
     def apply(self, socket):
         socket.curve_secretkey = self.credentials.secret
@@ -282,13 +290,9 @@ class ClientCurve:
         socket.curve_serverkey = self.server_key
 
 
-def sender_of(frame):
-    """The key name of the member that sent a received frame (its ZAP User-Id)."""
-    return frame.get("User-Id")
-
-
 # --- the ZAP handler -------------------------------------------------------------------------
 MAX_LOGGED_ADDRESSES = 100   # refusals are logged once per address, for this many addresses
+IPC_USER_PREFIX = "pid:"
 
 
 class _JobAuthenticator(ThreadAuthenticator):
@@ -298,6 +302,7 @@ class _JobAuthenticator(ThreadAuthenticator):
     def __init__(self, context):
         super().__init__(context)
         self.doors = {}           # domain -> ServerCurve
+        self.ipc_domains = set()  # the ipc endpoints' domains: NULL, named by pid
         self.names = {}           # public key (raw 32 bytes) -> member name
         self.logged = set()       # (domain, address) already reported
         self.refused = 0
@@ -305,6 +310,15 @@ class _JobAuthenticator(ThreadAuthenticator):
 
     async def handle_zap_message(self, msg):
         self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
+        domain = msg[2].decode("utf-8", "replace") if len(msg) > 5 else ""
+        if domain in self.ipc_domains and msg[5] == b"NULL":
+            # libzmq's address of an ipc peer is "localhost:uid:gid:pid" (SO_PEERCRED): the
+            # kernel's, not the peer's word. Only our own user gets in (the 0700 directory
+            # already says so); the pid becomes the User-Id every message carries.
+            _, uid, _, pid = (self._address.rsplit(":", 3) + ["", "", "", ""])[:4]
+            if uid == str(os.getuid()) and pid.isdigit():
+                return self._send_zap_reply(msg[1], b"200", b"OK", IPC_USER_PREFIX + pid)
+            return self._send_zap_reply(msg[1], b"400", b"not this user's process")
         await super().handle_zap_message(msg)
 
     async def _authenticate_curve(self, domain, client_key):
@@ -339,12 +353,14 @@ class _Gate:
                 self.authenticator = _JobAuthenticator(context)
                 self.authenticator.start()
             self.authenticator.doors[door.domain] = door
+            self.authenticator.ipc_domains.add(door.ipc_domain)
 
     def close(self, door):
         with self.lock:
             if self.authenticator is None:
                 return
             self.authenticator.doors.pop(door.domain, None)
+            self.authenticator.ipc_domains.discard(door.ipc_domain)
             if not self.authenticator.doors:
                 # Its ZAP socket would otherwise keep context.term() waiting forever.
                 self.authenticator.stop()

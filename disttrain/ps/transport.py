@@ -105,7 +105,7 @@ def configure(sock, max_message_bytes, security=None):
     sock.setsockopt(zmq.LINGER, 0)
     # zmq drops a peer that sends a frame larger than this before we ever see it.
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-    if security is not None:   # CURVE keys must be set before bind / connect
+    if security is not None:   # CURVE keys must be set before connect
         security.apply(sock)
     return sock
 
@@ -115,78 +115,53 @@ class Listener:
     host, on an ipc path in a private (0700) directory. Replies go back to the identity a
     request came from.
 
-    With `security` (an auth.ServerCurve) the tcp socket speaks CURVE, and ipc has a socket
-    of its own without it: the 0700 directory admits only this user's processes, and the
-    kernel names each one's pid, which security.local_peer maps to a job member. CURVE on
-    ipc made a 2-worker MNIST epoch 1.5-1.9x slower (see docs/performance.md)."""
+    With `security` (an auth.ServerCurve) the tcp endpoint speaks CURVE and ipc does not:
+    libzmq fixes an endpoint's mechanism when it is bound, so ipc is bound first. The 0700
+    directory admits only this user's processes, and the kernel names each one's pid (the
+    ipc connection's ZAP User-Id), which security.peer_of maps to a job member. CURVE on ipc
+    made a 2-worker MNIST epoch 1.5-1.9x slower (see docs/performance.md)."""
 
     def __init__(self, host, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
                  tcp_port=None, with_ipc=True, security=None):
         self.max_message_bytes = max_message_bytes
         self._timeout_ms = -1
         self.security = security
-        self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes, security)
+        self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes)
         # A reply to a peer that went away is dropped rather than blocking the server.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.ipc_socket = None          # secure listeners only: ipc without CURVE
-        self._ipc_identities = set()    # peers seen on ipc_socket, whose replies go there
-        self._poller = None
-        self._ipc_first = False
         self.ipc_directory = None
         self.ipc_address = ""
         try:
+            if with_ipc:
+                self.ipc_directory = tempfile.mkdtemp(prefix="disttrain-")
+                self.ipc_address = f"ipc://{os.path.join(self.ipc_directory, 'listener.ipc')}"
+                if security is not None:
+                    security.apply_local(self.socket)
+                self.socket.bind(self.ipc_address)
+            if security is not None:
+                security.apply(self.socket)   # for the tcp endpoint bound next
             if tcp_port is None:
                 port = self.socket.bind_to_random_port(f"tcp://{host}")
             else:
                 self.socket.bind(f"tcp://{host}:{tcp_port}")
                 port = tcp_port
-            if with_ipc:
-                self.ipc_directory = tempfile.mkdtemp(prefix="disttrain-")
-                self.ipc_address = f"ipc://{os.path.join(self.ipc_directory, 'listener.ipc')}"
-                if security is None:
-                    self.socket.bind(self.ipc_address)
-                else:
-                    self.ipc_socket = configure(context().socket(zmq.ROUTER), max_message_bytes)
-                    self.ipc_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-                    self.ipc_socket.bind(self.ipc_address)
-                    self._poller = zmq.Poller()
-                    self._poller.register(self.socket, zmq.POLLIN)
-                    self._poller.register(self.ipc_socket, zmq.POLLIN)
         except BaseException:
             self.close()
             raise
         self.tcp_address = f"tcp://{host}:{port}"
 
-    def _receive_frames(self, timeout_ms):
-        """(frames, came over ipc) of the next message, or None after timeout_ms."""
-        if self.ipc_socket is None:
-            # One blocking receive with a timeout costs less than poll() then recv().
-            if timeout_ms != self._timeout_ms:
-                self.socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
-                self._timeout_ms = timeout_ms
-            try:
-                return self.socket.recv_multipart(copy=False), False
-            except zmq.Again:
-                return None
-        ready = self._poller.poll(timeout_ms)
-        if not ready:
-            return None
-        # Both ready: take turns, so that a busy peer on one cannot starve the other.
-        self._ipc_first = not self._ipc_first
-        sock = ready[0][0] if len(ready) == 1 else \
-            (self.ipc_socket if self._ipc_first else self.socket)
-        return sock.recv_multipart(zmq.NOBLOCK, copy=False), sock is self.ipc_socket
-
     def receive(self, timeout_ms):
         """(identity, Message) for the next request, or None after timeout_ms. A bad
         message raises ProtocolError carrying the sender's identity and request id."""
-        received = self._receive_frames(timeout_ms)
-        if received is None:
+        # One blocking receive with a timeout costs less than poll() then recv().
+        if timeout_ms != self._timeout_ms:
+            self.socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
+            self._timeout_ms = timeout_ms
+        try:
+            frames = self.socket.recv_multipart(copy=False)
+        except zmq.Again:
             return None
-        frames, over_ipc = received
         identity, body = frames[0].bytes, frames[1:]
-        if over_ipc:
-            self._ipc_identities.add(identity)
         try:
             message = protocol.decode(body, self.max_message_bytes)
         except protocol.ProtocolError as error:
@@ -194,19 +169,15 @@ class Listener:
             error.request_id = protocol.peek_request_id(body) if body else 0
             raise
         if self.security is not None:
-            message.peer = self.security.local_peer(body[0]) if over_ipc else \
-                auth.sender_of(body[0])
+            message.peer = self.security.peer_of(body[0])
         return identity, message
 
     def send(self, identity, message):
-        sock = self.ipc_socket if identity in self._ipc_identities else self.socket
-        sock.send_multipart([identity] + protocol.encode(message), copy=False)
+        self.socket.send_multipart([identity] + protocol.encode(message), copy=False)
 
     def close(self, linger_ms=0):
         """linger_ms > 0 lets queued replies and notices leave before the socket goes."""
         self.socket.close(linger=linger_ms)
-        if self.ipc_socket is not None:
-            self.ipc_socket.close(linger=linger_ms)
         if self.security is not None:
             self.security.release()
         if self.ipc_directory:
@@ -221,7 +192,7 @@ class Connection:
         self.address = address
         self.max_message_bytes = max_message_bytes
         # security: an auth.ClientCurve holding the peer's public key, or None (insecure).
-        # ipc needs none: a secure Listener's ipc socket knows its peers by pid (see there).
+        # ipc needs none: a secure Listener knows its ipc peers by pid (see there).
         self.socket = configure(context().socket(zmq.DEALER), max_message_bytes,
                                 None if address.startswith("ipc://") else security)
         self.socket.setsockopt(zmq.IDENTITY, identity)
