@@ -156,3 +156,18 @@ def test_a_server_key_is_not_let_into_another_server(capfd):
             sock.close()
         finally:
             intruder.term()
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_ipc_sockets_live_in_a_private_directory_removed_with_the_listener(tmp_path, secure):
+    directory = str(tmp_path / "keys")
+    auth.make_key_directory(directory, 1, 1)
+    security = auth.ServerCurve(auth.load_credentials(directory, "server", 0), ("worker",),
+                                "server 0") if secure else None
+    listener = transport.Listener("127.0.0.1", security=security)
+    try:
+        assert stat.S_IMODE(os.stat(listener.ipc_directory).st_mode) == 0o700
+        assert listener.ipc_address == f"ipc://{listener.ipc_directory}/listener.ipc"
+    finally:
+        listener.close()
+    assert not os.path.exists(listener.ipc_directory)
