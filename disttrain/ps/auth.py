@@ -1,6 +1,7 @@
 """Who may talk to whom: a job's CURVE key pairs (one per role and rank), the directory they
 live in, and the ZAP handler that lets only the job's keys connect and tells the receiving
 side which member sent each message."""
+import functools
 import os
 import re
 import sys
@@ -56,6 +57,7 @@ def key_name(role, rank=None):
     return "scheduler" if role == "scheduler" else f"{role}-{rank}"
 
 
+@functools.lru_cache(maxsize=1024)   # every received message's sender goes through here
 def parse_key_name(name):
     """(role, rank) of a key name; rank is None for the scheduler."""
     match = _NAME.fullmatch(name or "")
