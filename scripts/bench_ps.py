@@ -292,7 +292,8 @@ def libsodium_rate(nbytes=MB, repeats=200):
         return None
     sodium = ctypes.CDLL(path)
     sodium.sodium_init()
-    plain, cipher = ctypes.create_string_buffer(nbytes + 32), ctypes.create_string_buffer(nbytes + 32)
+    plain = ctypes.create_string_buffer(nbytes + 32)
+    cipher = ctypes.create_string_buffer(nbytes + 32)
     key, nonce = ctypes.create_string_buffer(32), ctypes.create_string_buffer(24)
     best = 0.0
     for _ in range(3):

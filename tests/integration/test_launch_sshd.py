@@ -116,7 +116,8 @@ def test_real_job_over_ssh_sends_keys_and_tensors_only_encrypted(namespace_hosts
     hosts = ",".join(f"{address}:{slots}"
                      for address, slots in zip(namespace_hosts.addresses, [0, 1, 1]))
     seen = captured_run(namespace_hosts, launch_run, tmp_path / "ssh", hosts=hosts,
-                        remote_cmd=sshd_hosts, prefix=["ip", "netns", "exec", namespace_hosts.names[0]])
+                        remote_cmd=sshd_hosts,
+                        prefix=["ip", "netns", "exec", namespace_hosts.names[0]])
     assert seen == []
     capture = (tmp_path / "ssh" / "capture.pcap").read_bytes()
     assert b"secret-key" not in capture and b"key_secret" not in capture

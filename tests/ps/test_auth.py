@@ -58,7 +58,8 @@ def test_without_keys_or_insecure_a_process_refuses_to_start_naming_the_fix(monk
 
 def test_without_curve_in_libzmq_keys_and_sockets_fail_loudly(monkeypatch, tmp_path):
     real_has = zmq.has
-    monkeypatch.setattr(zmq, "has", lambda capability: capability != "curve" and real_has(capability))
+    monkeypatch.setattr(zmq, "has",
+                        lambda capability: capability != "curve" and real_has(capability))
     with pytest.raises(auth.KeysError, match="built without CURVE"):
         auth.new_key_pairs(1, 1)
     monkeypatch.setenv(auth.KEYS_VARIABLE, str(tmp_path))

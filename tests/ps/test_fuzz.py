@@ -76,7 +76,8 @@ def malformed(rng, request_id):
                     rows.astype(np.float64).tobytes()]
         if choice == 1:
             return [header(id=request_id, payloads=[
-                descriptor("int64", (2,), kind="rows"), descriptor("float64", (10,), kind="values")]),
+                descriptor("int64", (2,), kind="rows"),
+                descriptor("float64", (10,), kind="values")]),
                 rows.tobytes(), np.zeros(10).tobytes()]
         return [header(id=request_id, payloads=[descriptor("int64", (2,), kind="rows")]),
                 rows[:1].repeat(2).tobytes()]

@@ -205,6 +205,8 @@ def test_insider_fuzz_costs_the_server_no_memory_and_mnist_still_reaches_97_perc
             {name: cluster.read(name)[-2000:] for name, code in codes.items() if code != 0}
         summary = json.loads(cluster.read("worker0", "out").strip().splitlines()[-1])
         server_log = cluster.read("server0")
+    print(f"server RSS grew by {rss_growth / 2**20:.1f} MB during the fuzz; "
+          f"test accuracy {summary['test_accuracy']}")
     assert rss_growth < 50 << 20, rss_growth
     assert summary["test_accuracy"] >= 0.97, summary
     # The log says what was rejected, in a bounded number of lines.
