@@ -233,7 +233,6 @@ class ServerCurve:
         self.allowed = credentials.public_keys(accept)
         self.domain = f"disttrain-{uuid.uuid4().hex[:12]}"
         self.ipc_domain = self.domain + "-ipc"
-
         self.accept = accept
         self.local_peers = {}     # pid -> member name, for this host's ipc peers
 
