@@ -29,7 +29,8 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from disttrain.ps import auth, client, scheduler  # noqa: E402
+from disttrain import backend  # noqa: E402
+from disttrain.ps import auth, client, membership  # noqa: E402
 
 RAW_MESSAGE_BYTES = 1 << 20
 MB = 1 << 20
@@ -148,12 +149,13 @@ class Job:
         self.processes = [self._start("scheduler")] + [
             self._start("server", rank) for rank in range(num_servers)]
         credentials = auth.load_credentials(self.keys, "worker", 0) if secure else None
-        self.membership = scheduler.Membership("worker", f"127.0.0.1:{port}", 10, 120,
-                                               credentials=credentials)
+        self.membership = membership.Membership("worker", f"127.0.0.1:{port}", 10, 120,
+                                                credentials=credentials)
         book = self.membership.register()
         if transport == "tcp":   # without an ipc address the client connects over tcp
             for entry in book["server"]:
                 entry["ipc"] = ""
+        backend.keep_freed_memory()   # as in a worker program: heap pages for received frames
         self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
         self.arrays = {}
 

@@ -2,12 +2,12 @@
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import disttrain as dt
+from disttrain import config
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -27,7 +27,7 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
     p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--device", default=os.environ.get("DISTTRAIN_DEVICE", "cpu"),
+    p.add_argument("--device", default=config.from_env().device,
                    help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
     p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -116,7 +116,7 @@ def save_checkpoint(args, model, optimizer, schedule, step, trainer):
     if path is None or trainer.rank != 0:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+    state = {"model": trainer.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
     if schedule is not None:
         state["schedule"] = schedule.state_dict()
     dt.save(state, str(path))
@@ -171,7 +171,7 @@ def summary(args, trainer, model_name, **fields):
     if trainer.rank != 0:
         return None
     line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
-            "servers": int(os.environ.get("DISTTRAIN_NUM_SERVERS", 0)) if trainer.is_distributed else 0,
+            "servers": trainer.num_servers,
             "mode": args.mode if trainer.is_distributed else "local"}
     line.update(fields)
     text = json.dumps(line)

@@ -1,9 +1,6 @@
 """Train an MLP (784-256-256-10) or LeNet-5 on MNIST; alone, or as one worker of a launched job."""
 import os
-import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
 
 import numpy as np
 

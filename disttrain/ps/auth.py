@@ -14,16 +14,18 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 
-# config: DISTTRAIN_KEYS (the key directory) and DISTTRAIN_INSECURE (launch --insecure) are
-# read here until disttrain/config.py reads every DISTTRAIN_* variable.
-KEYS_VARIABLE = "DISTTRAIN_KEYS"
-INSECURE_VARIABLE = "DISTTRAIN_INSECURE"
+from disttrain import config
+
+# disttrain.config reads them (Config.keys, Config.insecure); the names are for messages.
+KEYS_VARIABLE = config.variable("keys")
+INSECURE_VARIABLE = config.variable("insecure")
 
 PUBLIC_SUFFIX = ".key"            # zmq.auth certificate files: zmq.auth.load_certificate reads them
 SECRET_SUFFIX = ".key_secret"
 _NAME = re.compile(r"(scheduler)|(server|worker)-(\d+)")
 
-# The default of every `credentials=` argument: read DISTTRAIN_KEYS (or DISTTRAIN_INSECURE).
+# The default of every `credentials=` argument: this process's config.from_env(), that is
+# DISTTRAIN_KEYS (or DISTTRAIN_INSECURE).
 FROM_ENV = "from-env"
 
 HOW_TO_GET_KEYS = (f"the launcher makes them; another launcher runs `python -m launch keys DIR "
@@ -197,27 +199,33 @@ def load_credentials(directory, role, rank=None):
 _warned_insecure = False
 
 
-def credentials_from_env(role, rank=None):
-    """This process's Credentials from DISTTRAIN_KEYS, or None (with a warning in the log)
-    when DISTTRAIN_INSECURE=1. Neither set is an error: security is on by default."""
+def credentials_from_config(settings, role, rank=None):
+    """This process's Credentials from a config.Config: from its key directory (keys), or
+    None (with a warning in the log) when insecure. Neither set is an error: security is on
+    by default."""
     global _warned_insecure
-    if os.environ.get(INSECURE_VARIABLE) == "1":
+    if settings.insecure:
         if not _warned_insecure:
             _warned_insecure = True
             _say(f"WARNING: {INSECURE_VARIABLE}=1 (launch --insecure): this {role} runs without "
                  f"authentication or encryption; anyone who can reach the job's ports can "
                  f"read the model and change it")
         return None
-    directory = os.environ.get(KEYS_VARIABLE)
-    if not directory:
+    if not settings.keys:
         raise KeysError(f"disttrain: {KEYS_VARIABLE} is not set, and every socket of a job "
-                           f"uses CURVE with the job's own keys: {HOW_TO_GET_KEYS}")
-    return load_credentials(directory, role, rank)
+                        f"uses CURVE with the job's own keys: {HOW_TO_GET_KEYS}")
+    return load_credentials(settings.keys, role, rank)
+
+
+def credentials_from_env(role, rank=None):
+    """credentials_from_config of this process's environment (config.from_env(), whose
+    ConfigError names a bad DISTTRAIN_INSECURE)."""
+    return credentials_from_config(config.from_env(), role, rank)
 
 
 def resolve(credentials, role, rank=None):
-    """A constructor's `credentials=` argument: FROM_ENV reads the environment, None means
-    insecure (said once in the log), else a Credentials."""
+    """A constructor's `credentials=` argument: FROM_ENV reads the environment (through
+    disttrain.config), None means insecure, else a Credentials."""
     if credentials == FROM_ENV:
         return credentials_from_env(role, rank)
     return credentials

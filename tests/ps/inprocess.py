@@ -6,6 +6,7 @@ import threading
 from contextlib import contextmanager
 
 from disttrain.ps import auth, client, scheduler, server
+from disttrain.ps.membership import Membership
 from tests.ps.cluster import free_port
 
 TIMEOUT = 60
@@ -28,8 +29,8 @@ def job(num_workers, num_servers):
                                 timeout=TIMEOUT, credentials=credentials("scheduler"))
     threads = [threading.Thread(target=sched.run, daemon=True)]
     threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
-        membership=scheduler.Membership("server", address, 30, TIMEOUT,
-                                        credentials=credentials("server", rank)),
+        membership=Membership("server", address, 30, TIMEOUT,
+                              credentials=credentials("server", rank)),
         host="127.0.0.1"))
         for rank in range(num_servers)]
     for thread in threads:
@@ -38,8 +39,8 @@ def job(num_workers, num_servers):
 
     def connect():
         def one(rank):
-            membership = scheduler.Membership("worker", address, 30, TIMEOUT,
-                                              credentials=credentials("worker", rank))
+            membership = Membership("worker", address, 30, TIMEOUT,
+                                    credentials=credentials("worker", rank))
             book = membership.register(rank=rank)
             # All workers here share one pid, which names no one over ipc: tcp and CURVE.
             for entry in book["server"]:

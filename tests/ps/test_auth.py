@@ -1,5 +1,6 @@
 """The job's keys and who they let in: the key directory's layout and modes, a key bound to
 its role and rank, and a clear failure (never plaintext) without keys or without CURVE."""
+import dataclasses
 import os
 import stat
 import threading
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 import zmq
 
+from disttrain import config
 from disttrain.ps import auth, client, protocol, scheduler, transport
+from disttrain.ps.membership import Membership
 from disttrain.ps.protocol import Message
 from tests.ps.cluster import free_port
 from tests.ps.inprocess import job
@@ -53,7 +56,7 @@ def test_without_keys_or_insecure_a_process_refuses_to_start_naming_the_fix(monk
     monkeypatch.delenv(auth.KEYS_VARIABLE, raising=False)
     monkeypatch.delenv(auth.INSECURE_VARIABLE, raising=False)
     with pytest.raises(auth.KeysError, match="python -m launch keys DIR"):
-        scheduler.Membership("worker", f"127.0.0.1:{free_port()}", 10, TIMEOUT)
+        Membership("worker", f"127.0.0.1:{free_port()}", 10, TIMEOUT)
 
 
 def test_without_curve_in_libzmq_keys_and_sockets_fail_loudly(monkeypatch, tmp_path):
@@ -72,6 +75,28 @@ def test_insecure_is_said_in_the_log(monkeypatch, capsys):
     monkeypatch.setenv(auth.INSECURE_VARIABLE, "1")
     monkeypatch.setattr(auth, "_warned_insecure", False)
     assert auth.credentials_from_env("worker", 0) is None
+    assert "runs without authentication or encryption" in capsys.readouterr().err
+
+
+def test_membership_takes_its_keys_and_rank_from_the_config_not_the_environment(
+        monkeypatch, tmp_path, capsys):
+    directory = str(tmp_path / "keys")
+    auth.make_key_directory(directory, 2, 1)
+    monkeypatch.delenv(auth.KEYS_VARIABLE, raising=False)
+    monkeypatch.setenv(auth.INSECURE_VARIABLE, "1")   # ignored: the Config given is what counts
+    settings = config.Config(scheduler=f"127.0.0.1:{free_port()}", rank=1, keys=directory)
+    keyed = Membership.from_config("worker", settings)
+    try:
+        assert keyed.credentials.name == "worker-1"
+    finally:
+        keyed.close()
+    monkeypatch.setattr(auth, "_warned_insecure", False)
+    insecure = Membership.from_config(
+        "worker", dataclasses.replace(settings, keys=None, insecure=True))
+    try:
+        assert insecure.credentials is None
+    finally:
+        insecure.close()
     assert "runs without authentication or encryption" in capsys.readouterr().err
 
 
