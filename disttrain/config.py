@@ -25,6 +25,7 @@ class Config:
     timeout: float = 300.0       # DISTTRAIN_TIMEOUT, s: the deadline of any blocking wait
     realtime: bool = False       # DISTTRAIN_REALTIME=1: servers at real-time priority
     keys: str = None             # DISTTRAIN_KEYS: directory of the job's CURVE keys
+    insecure: bool = False       # DISTTRAIN_INSECURE=1 (launch --insecure): no CURVE at all
     metrics_dir: str = None      # DISTTRAIN_METRICS_DIR: where per-step JSON lines go
     observe: frozenset = frozenset()   # DISTTRAIN_OBSERVE: report,trace (set by the launcher)
     progress: bool = True        # DISTTRAIN_PROGRESS=0: no progress bars
@@ -101,7 +102,8 @@ def _observed(name, value):
 _PARSERS = {"role": _role, "scheduler": _address, "num_workers": _count,
             "num_servers": _count, "device": _device, "rank": _count, "host": _text,
             "heartbeat_timeout": _seconds, "timeout": _seconds, "realtime": _flag,
-            "keys": _text, "metrics_dir": _text, "observe": _observed, "progress": _flag}
+            "keys": _text, "insecure": _flag, "metrics_dir": _text, "observe": _observed,
+            "progress": _flag}
 
 
 def from_env(environ=None):

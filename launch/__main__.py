@@ -6,7 +6,7 @@ import os
 import shlex
 import sys
 
-from launch import local, slurm, ssh
+from launch import keys, local, slurm, ssh
 from launch.observe import Collector
 from launch.hosts import parse_host_list, read_hostfile
 from launch.lifecycle import STOP_GRACE_S, Job
@@ -18,6 +18,7 @@ examples:
   python -m launch -H a:4,b:4 -n 8 -- python workers/mnist.py
   python -m launch --hostfile hosts -- python workers/mnist.py     # lines: host slots=N
   python -m launch -H ns0:0@10.77.0.1,ns1:1@10.77.0.2 --remote-cmd 'ip netns exec {host}' -- ...
+  python -m launch keys DIR -n 8 -s 2     # a job's keys, for processes another launcher starts
 """
 
 
@@ -50,6 +51,9 @@ def build_parser():
     parser.add_argument("--timeline", metavar="FILE",
                         help="write a Chrome trace-event timeline of every worker and server "
                              "(Perfetto, chrome://tracing) to FILE")
+    parser.add_argument("--insecure", action="store_true",
+                        help="no authentication or encryption (DISTTRAIN_INSECURE=1): anyone who "
+                             "can reach the job's ports can read and change the model")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_S,
                         help="seconds between SIGTERM and SIGKILL when stopping (default %(default)g)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... run by every worker")
@@ -77,8 +81,10 @@ def parse_args(argv):
     return args
 
 
-def plan(args, environ):
-    """(processes, their launch commands) for the chosen back end."""
+def plan(args, environ, job_keys=None):
+    """(processes, their launch commands) for the chosen back end. `job_keys`, a
+    keys.JobKeys, gets the job's fresh keys (its directory is the caller's to remove);
+    without it processes get no keys, with --insecure DISTTRAIN_INSECURE=1."""
     ps_command = shlex.split(args.ps_command)
     if args.launcher == "local":
         default = local.gpu_count() if args.device == "gpu" else local.cpu_count()
@@ -114,22 +120,56 @@ def plan(args, environ):
         for process in processes:
             if process.role == "server":
                 process.env["DISTTRAIN_REALTIME"] = "1"
+    keys_lines = give_keys(args, processes, job_keys)
     if args.launcher == "local":
         commands = [local.local_command(process, args.bind) for process in processes]
     else:
-        commands = [ssh.ssh_command(process, template, args.grace, args.bind) for process in processes]
+        commands = [ssh.ssh_command(process, template, args.grace, args.bind,
+                                    keys_line=keys_lines.get(process.name, b""))
+                    for process in processes]
     return processes, commands
 
 
+def give_keys(args, processes, job_keys):
+    """Makes the job's keys and says how each process gets them: DISTTRAIN_KEYS naming a
+    private directory (local; under Slurm in the job's own directory, which every node
+    sees), or {process name: line for its guard's stdin} over ssh."""
+    if args.insecure:
+        for process in processes:
+            process.env["DISTTRAIN_INSECURE"] = "1"
+        return {}
+    if job_keys is None:
+        return {}
+    job_keys.make(sum(p.role == "worker" for p in processes),
+                  sum(p.role == "server" for p in processes))
+    if args.launcher == "ssh":
+        return {process.name: job_keys.stdin_line(process) for process in processes}
+    directory = job_keys.write_directory(os.getcwd() if args.launcher == "slurm" else None)
+    for process in processes:
+        process.env["DISTTRAIN_KEYS"] = os.path.abspath(directory)
+    return {}
+
+
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["keys"]:
+        return keys.main(argv[1:])
+    args = parse_args(argv)
+    if args.insecure:
+        print("launch: WARNING: --insecure: no authentication or encryption; anyone who can "
+              "reach this job's ports can read and change the model", file=sys.stderr)
+    job_keys = keys.JobKeys()
     try:
-        processes, commands = plan(args, os.environ)
-    except (ValueError, RuntimeError, OSError) as error:
-        print(error if str(error).startswith("launch:") else f"launch: {error}", file=sys.stderr)
-        return 2
-    return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace,
-               collector=Collector(args.timeline)).run()
+        try:
+            processes, commands = plan(args, os.environ, job_keys)
+        except (ValueError, RuntimeError, OSError) as error:
+            print(error if str(error).startswith("launch:") else f"launch: {error}",
+                  file=sys.stderr)
+            return 2
+        return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace,
+                   collector=Collector(args.timeline)).run()
+    finally:
+        job_keys.remove()
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Runs one program on a remote host for the launcher, and stops it with everything it
-started when the launcher goes away: `python -m launch.guard [--grace S] [--bind-index K] -- COMMAND...`"""
+started when the launcher goes away: `python -m launch.guard [--grace S] [--bind-index K]
+[--keys-on-stdin] -- COMMAND...`"""
 
 # Why: ssh (and srun) cannot signal a remote process group, and a dying ssh client does
 # not end the remote command. The launcher holds this guard's stdin open instead; when it
@@ -24,6 +25,9 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m launch.guard")
     parser.add_argument("--grace", type=float, default=5.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("--bind-index", type=int, help="pin the program to this host's k-th core")
+    parser.add_argument("--keys-on-stdin", action="store_true",
+                        help="read the job's keys as the first line of stdin into a private "
+                             "directory, DISTTRAIN_KEYS for the program, removed at the end")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command[:1] == ["--"]:
@@ -55,8 +59,25 @@ def main(argv=None):
     # group comes back here too and must not end the guard before its program.
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
         signal.signal(signum, lambda signum, frame: stop.set())
+    env = dict(os.environ)
+    remove_keys = lambda: None  # noqa: E731
+    if args.keys_on_stdin:
+        from launch import keys   # imports zmq: only guards that need it pay for it
+        try:
+            directory = env["DISTTRAIN_KEYS"] = keys.receive_on_stdin()
+        except (OSError, EOFError, ValueError, KeyError) as error:
+            print(f"launch.guard: cannot receive the job's keys: {error}", file=sys.stderr)
+            return 2
+        remove_keys = lambda: keys.auth.remove_key_directory(directory)  # noqa: E731
     try:
-        program = subprocess.Popen(args.command, stdin=subprocess.DEVNULL)
+        return run_guarded(args, env, stop, remove_keys)
+    finally:
+        remove_keys()
+
+
+def run_guarded(args, env, stop, remove_keys):
+    try:
+        program = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, env=env)
     except OSError as error:
         print(f"launch.guard: cannot start {' '.join(args.command)}: {error}", file=sys.stderr)
         return 127
@@ -69,7 +90,8 @@ def main(argv=None):
         try:
             program.wait(timeout=args.grace)
         except subprocess.TimeoutExpired:
-            os.killpg(os.getpgrp(), signal.SIGKILL)  # ends the guard as well
+            remove_keys()   # SIGKILL to the group ends the guard as well
+            os.killpg(os.getpgrp(), signal.SIGKILL)
     # Anything the program left running in our group goes too.
     os.killpg(os.getpgrp(), signal.SIGTERM)
     code = program.returncode

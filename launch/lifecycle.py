@@ -32,6 +32,7 @@ class LaunchCommand:
     # stdin closes: that is how a stop reaches a process behind ssh or srun.
     stopped_by_closing_stdin: bool = False
     cpu: int | None = None  # pin the process to this core (--bind, local back end)
+    stdin_data: bytes = b""  # written to its stdin at start: a remote process's keys
 
 
 class Child:
@@ -60,6 +61,12 @@ class Child:
             self.popen = subprocess.Popen(
                 self.command.argv, env=self.command.env, stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        if self.command.stdin_data:
+            # Keys travel inside the ssh connection, never on a command line; a process that
+            # died at once shows in its exit code, not here.
+            with contextlib.suppress(OSError):
+                self.popen.stdin.write(self.command.stdin_data)
+                self.popen.stdin.flush()
         self.relays[self.popen.stdout.fileno()] = LinePrefixer(prefix, sys.stdout.buffer, log_file, divert)
         self.relays[self.popen.stderr.fileno()] = LinePrefixer(prefix, sys.stderr.buffer, log_file, divert)
 

@@ -40,21 +40,25 @@ def shell_line(cwd, env, argv):
     return f"cd {shlex.quote(cwd)} && " + " ".join(shlex.quote(word) for word in words)
 
 
-def guard_argv(python, command, grace_s, bind_index=None):
+def guard_argv(python, command, grace_s, bind_index=None, keys_on_stdin=False):
     argv = [python, "-m", "launch.guard", "--grace", f"{grace_s:g}"]
     if bind_index is not None:
         argv += ["--bind-index", str(bind_index)]
+    if keys_on_stdin:
+        argv += ["--keys-on-stdin"]
     return argv + ["--"] + list(command)
 
 
-def ssh_command(process, template, grace_s, bind, cwd=None, python=sys.executable):
+def ssh_command(process, template, grace_s, bind, cwd=None, python=sys.executable,
+                keys_line=b""):
     """Runs `process` on its host: cd to our working directory, export the contract
-    environment (only that: PATH and the rest stay the remote host's), run the guard."""
+    environment (only that: PATH and the rest stay the remote host's), run the guard.
+    `keys_line` (launch.keys.JobKeys.stdin_line) reaches the guard through stdin."""
     bind_index = process.local_index if bind and process.role == "worker" else None
     line = shell_line(cwd or os.getcwd(), process.env,
-                      guard_argv(python, process.command, grace_s, bind_index))
+                      guard_argv(python, process.command, grace_s, bind_index, bool(keys_line)))
     return LaunchCommand(remote_argv(template, process.host.name, line), dict(os.environ),
-                         stopped_by_closing_stdin=True)
+                         stopped_by_closing_stdin=True, stdin_data=keys_line)
 
 
 def probe_free_port(template, host, python=sys.executable, deadline_s=PORT_PROBE_DEADLINE_S):

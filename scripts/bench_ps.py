@@ -1,6 +1,9 @@
 """Parameter-server benchmark: push+pull throughput for 1-256 MB models on 1 and 2 servers,
 next to raw pyzmq PUSH/PULL moving the same bytes in the same run, and the round trip of a
-tiny push+pull next to a raw DEALER/ROUTER round trip. Last line: one JSON object.
+tiny push+pull next to a raw DEALER/ROUTER round trip; then the cost of CURVE: the same
+push+pull and round trip on one server over tcp with the job's keys (the default) against
+DISTTRAIN_INSECURE=1, in alternating rounds (`--curve-transport ipc` measures the same-host
+default instead, which has no CURVE). Last line: one JSON object.
 
     python scripts/bench_ps.py [--sizes 1,16,64,256] [--servers 1,2] [--transport ipc|tcp]
 
@@ -27,7 +30,7 @@ import zmq
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from disttrain import backend  # noqa: E402
-from disttrain.ps import client, membership  # noqa: E402
+from disttrain.ps import auth, client, membership  # noqa: E402
 
 RAW_MESSAGE_BYTES = 1 << 20
 MB = 1 << 20
@@ -44,6 +47,11 @@ def raw_peer(kind, address_in, address_out):
     context = zmq.Context()
     if kind == "pushpull":
         inbound, outbound = context.socket(zmq.PULL), context.socket(zmq.PUSH)
+        secret = os.environ.get("BENCH_CURVE_SECRET")   # throw-away keys, never argv
+        for sock in (inbound, outbound) if secret else ():
+            sock.curve_secretkey, sock.curve_publickey = secret.encode(), \
+                zmq.curve_public(secret.encode())
+            sock.curve_server = True
         inbound.bind(address_in)
         outbound.bind(address_out)
         while True:   # echo each message as it arrives: out and back overlap
@@ -58,18 +66,25 @@ def raw_peer(kind, address_in, address_out):
 class RawPeer:
     """A raw pyzmq peer process and this process's sockets to it, kept for the whole run."""
 
-    def __init__(self, kind, transport):
+    def __init__(self, kind, transport, curve=False):
         def address():
             if transport == "ipc":
                 return f"ipc://{tempfile.gettempdir()}/bench-{uuid.uuid4().hex[:10]}.ipc"
             return f"tcp://127.0.0.1:{free_port()}"
         address_in, address_out = address(), address()
         self.ipc_paths = [a[len("ipc://"):] for a in (address_in, address_out) if a.startswith("ipc://")]
+        server_public, server_secret = zmq.curve_keypair()
+        env = dict(os.environ, BENCH_CURVE_SECRET=server_secret.decode()) if curve else None
         self.process = subprocess.Popen([sys.executable, __file__, "--raw-peer", kind,
-                                         address_in, address_out], start_new_session=True)
+                                         address_in, address_out], start_new_session=True,
+                                        env=env)
         self.context = zmq.Context()
         if kind == "pushpull":
             self.out, self.back = self.context.socket(zmq.PUSH), self.context.socket(zmq.PULL)
+            public, secret = zmq.curve_keypair()
+            for sock in (self.out, self.back) if curve else ():
+                sock.curve_publickey, sock.curve_secretkey = public, secret
+                sock.curve_serverkey = server_public
             self.out.connect(address_in)
             self.back.connect(address_out)
         else:
@@ -119,15 +134,23 @@ def raw_round_trip(peer, repeats):
 
 # --- the parameter server ---------------------------------------------------------------------
 class Job:
-    """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one worker."""
+    """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one
+    worker. `secure`: CURVE with fresh keys, as launched jobs run; else DISTTRAIN_INSECURE=1."""
 
-    def __init__(self, num_servers, transport):
+    def __init__(self, num_servers, transport, secure=True):
         port = free_port()
+        self.keys = tempfile.mkdtemp(prefix="bench-keys-") if secure else None
+        if secure:
+            auth.make_key_directory(self.keys, 1, num_servers)
+        security = {"DISTTRAIN_KEYS": self.keys} if secure else {"DISTTRAIN_INSECURE": "1"}
         self.env = dict(os.environ, DISTTRAIN_SCHEDULER=f"127.0.0.1:{port}",
                         DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS=str(num_servers),
-                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120")
-        self.processes = [self._start("scheduler")] + [self._start("server") for _ in range(num_servers)]
-        self.membership = membership.Membership("worker", f"127.0.0.1:{port}", 10, 120)
+                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120", **security)
+        self.processes = [self._start("scheduler")] + [
+            self._start("server", rank) for rank in range(num_servers)]
+        credentials = auth.load_credentials(self.keys, "worker", 0) if secure else None
+        self.membership = membership.Membership("worker", f"127.0.0.1:{port}", 10, 120,
+                                                credentials=credentials)
         book = self.membership.register()
         if transport == "tcp":   # without an ipc address the client connects over tcp
             for entry in book["server"]:
@@ -136,9 +159,12 @@ class Job:
         self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
         self.arrays = {}
 
-    def _start(self, role):
-        return subprocess.Popen([sys.executable, "-m", "disttrain.ps"],
-                                env=dict(self.env, DISTTRAIN_ROLE=role), start_new_session=True)
+    def _start(self, role, rank=None):
+        env = dict(self.env, DISTTRAIN_ROLE=role)
+        if rank is not None:
+            env["DISTTRAIN_RANK"] = str(rank)
+        return subprocess.Popen([sys.executable, "-m", "disttrain.ps"], env=env,
+                                start_new_session=True)
 
     def close(self):
         try:
@@ -152,6 +178,7 @@ class Job:
                 except subprocess.TimeoutExpired:
                     os.killpg(process.pid, signal.SIGKILL)
                     process.wait()
+            auth.remove_key_directory(self.keys)
 
 
 def ps_throughput(job, nbytes, repeats, key, clock):
@@ -202,6 +229,8 @@ def main():
     parser.add_argument("--sizes", default="1,16,64,256", help="model sizes in MB")
     parser.add_argument("--servers", default="1,2")
     parser.add_argument("--transport", default="ipc", choices=["ipc", "tcp"])
+    parser.add_argument("--curve-transport", default="tcp", choices=["ipc", "tcp"],
+                        help="transport of the CURVE against --insecure comparison")
     parser.add_argument("--rtt-repeats", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
@@ -241,11 +270,87 @@ def main():
         echo.close()
     print(f"tiny push+pull round trip {ps_rtt * 1e6:.0f} us (median), raw DEALER/ROUTER "
           f"{raw_rtt * 1e6:.0f} us, ratio {ps_rtt / raw_rtt:.2f}")
+    curve_ratios, curve_rtt_ratio = curve_cost(args, sizes)
     # The figure per size is the best server count's ratio; the table shows each.
     summary = {"throughput_ratio_16mb": round(max(ratios[16]), 3) if 16 in ratios else None,
                "throughput_ratio_256mb": round(max(ratios[256]), 3) if 256 in ratios else None,
-               "rtt_ratio": round(ps_rtt / raw_rtt, 3)}
+               "rtt_ratio": round(ps_rtt / raw_rtt, 3),
+               "curve_throughput_ratio_16mb": curve_ratios.get(16),
+               "curve_rtt_ratio": curve_rtt_ratio}
     print(json.dumps(summary))
+
+
+def libsodium_rate(nbytes=MB, repeats=200):
+    """Bytes/s of libsodium's crypto_box_afternm (XSalsa20-Poly1305, what every CURVE
+    message costs once to send and once to receive) on one core, from the libsodium pyzmq
+    bundles (or the system's); None where neither is found."""
+    import ctypes
+    import ctypes.util
+    import glob
+    bundled = glob.glob(os.path.join(os.path.dirname(os.path.dirname(zmq.__file__)),
+                                     "pyzmq.libs", "libsodium*"))
+    path = (bundled or [ctypes.util.find_library("sodium")])[0]
+    if not path:
+        return None
+    sodium = ctypes.CDLL(path)
+    sodium.sodium_init()
+    plain = ctypes.create_string_buffer(nbytes + 32)
+    cipher = ctypes.create_string_buffer(nbytes + 32)
+    key, nonce = ctypes.create_string_buffer(32), ctypes.create_string_buffer(24)
+    best = 0.0
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(repeats):
+            sodium.crypto_box_afternm(cipher, plain, ctypes.c_ulonglong(nbytes + 32), nonce, key)
+        best = max(best, nbytes * repeats / (time.perf_counter() - start))
+    return best
+
+
+def curve_cost(args, sizes):
+    """({size: CURVE / insecure push+pull throughput}, CURVE / insecure round trip), one
+    server each, rounds alternating between the two jobs so both see the same machine load."""
+    print(f"keys (the default: CURVE on tcp) against DISTTRAIN_INSECURE=1, 1 server, "
+          f"{args.curve_transport}")
+    print(f"{'model MB':>8} {'curve GB/s':>10} {'insecure GB/s':>13} {'ratio':>6} "
+          f"{'raw pyzmq curve/plain':>22}")
+    jobs = {"curve": Job(1, args.curve_transport, secure=True),
+            "insecure": Job(1, args.curve_transport, secure=False)}
+    # What CURVE costs raw pyzmq on the same bytes: the ceiling of the ratio above.
+    raw = {"curve": RawPeer("pushpull", args.curve_transport, curve=True),
+           "insecure": RawPeer("pushpull", args.curve_transport)}
+    ratios = {}
+    try:
+        for size in sizes:
+            best = {"curve": 0.0, "insecure": 0.0}
+            best_raw = {"curve": 0.0, "insecure": 0.0}
+            clocks = {"curve": 0, "insecure": 0}
+            for _ in range(args.rounds):
+                for name, job in jobs.items():
+                    rate, clocks[name] = ps_throughput(job, size * MB, repeats_for(size * MB),
+                                                       f"model{size}", clocks[name])
+                    best[name] = max(best[name], rate)
+                    best_raw[name] = max(best_raw[name], raw_throughput(
+                        raw[name], size * MB, repeats_for(size * MB)))
+            ratios[size] = round(best["curve"] / best["insecure"], 3)
+            print(f"{size:>8} {best['curve'] / 1e9:>10.2f} {best['insecure'] / 1e9:>13.2f} "
+                  f"{ratios[size]:>6.2f} {best_raw['curve'] / best_raw['insecure']:>22.2f}",
+                  flush=True)
+        rtt = {"curve": float("inf"), "insecure": float("inf")}
+        for _ in range(args.rounds):
+            for name, job in jobs.items():
+                rtt[name] = min(rtt[name], ps_round_trip(job, args.rtt_repeats))
+    finally:
+        for job in jobs.values():
+            job.close()
+        for peer in raw.values():
+            peer.close()
+    print(f"tiny push+pull round trip: curve {rtt['curve'] * 1e6:.0f} us, insecure "
+          f"{rtt['insecure'] * 1e6:.0f} us (medians), ratio {rtt['curve'] / rtt['insecure']:.2f}")
+    sodium = libsodium_rate()
+    if sodium:
+        print(f"libsodium XSalsa20-Poly1305 on one core: {sodium / 1e9:.2f} GB/s (a push+pull "
+              f"encrypts and decrypts every byte both ways)")
+    return ratios, round(rtt["curve"] / rtt["insecure"], 3)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ import signal
 import sys
 
 from disttrain import backend, config
-from disttrain.ps import scheduler, server, transport
+from disttrain.ps import auth, scheduler, server, transport
 from disttrain.ps.membership import Membership
 
 
@@ -43,15 +43,21 @@ def main():
                                         settings.required("num_servers"))
     except config.ConfigError as error:
         raise SystemExit(f"disttrain: {error}") from None
+    if settings.role not in ("scheduler", "server"):
+        raise SystemExit(f"disttrain: DISTTRAIN_ROLE={settings.role or ''!r}: `python -m "
+                         f"disttrain.ps` runs 'scheduler' or 'server' (workers are your "
+                         f"training program)")
     install_sigterm_exit()
-    if settings.role == "scheduler":
-        try:
-            return scheduler.Scheduler(address, num_workers, num_servers,
-                                       heartbeat_timeout=settings.heartbeat_timeout,
-                                       timeout=settings.timeout).run()
-        finally:
-            transport.context().term()  # waits for the lingering dead / shutdown notices
-    if settings.role == "server":
+    try:
+        if settings.role == "scheduler":
+            credentials = auth.credentials_from_config(settings, "scheduler")
+            try:
+                return scheduler.Scheduler(address, num_workers, num_servers,
+                                           heartbeat_timeout=settings.heartbeat_timeout,
+                                           timeout=settings.timeout,
+                                           credentials=credentials).run()
+            finally:
+                transport.context().term()  # waits for the lingering dead / shutdown notices
         if settings.realtime:   # launch --bind sets it
             use_realtime_priority(settings.rank)
         # Every received frame is a fresh 1 MB buffer: from reused heap pages rather than
@@ -60,9 +66,8 @@ def main():
         return server.serve(Membership.from_config("server", settings), host=settings.host,
                             rank=settings.rank, observe=settings.observe,
                             metrics_dir=settings.metrics_dir)
-    raise SystemExit(f"disttrain: DISTTRAIN_ROLE={settings.role or ''!r}: `python -m "
-                     f"disttrain.ps` runs 'scheduler' or 'server' (workers are your training "
-                     f"program)")
+    except auth.KeysError as error:   # no keys, unreadable keys, or a libzmq without CURVE
+        raise SystemExit(str(error)) from None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import numpy as np
 import zmq
 
 from disttrain import config
-from disttrain.ps import protocol, transport
+from disttrain.ps import auth, protocol, transport
 from disttrain.ps.group import pack_payloads
 from disttrain.ps.layout import MAX_CHUNK_BYTES, Chunk, chunk_layout
 from disttrain.ps.protocol import Message
@@ -77,13 +77,16 @@ class KVStore:
     """
 
     def __init__(self, book, rank, membership=None, timeout=None,
-                 max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
+                 max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, credentials=auth.FROM_ENV):
         self.rank, self.membership = rank, membership
         self.timeout = timeout if timeout is not None else config.from_env().timeout
         identity = transport.new_identity(f"worker{rank}")
-        self.connections = [transport.Connection(transport.pick_address(server), identity,
-                                                 max_message_bytes)
-                            for server in book["server"]]
+        keys = membership.credentials if membership is not None else \
+            auth.resolve(credentials, "worker", rank)
+        self.connections = [transport.Connection(
+            transport.pick_address(server), identity, max_message_bytes,
+            keys and auth.ClientCurve(keys, auth.key_name("server", server_rank)))
+            for server_rank, server in enumerate(book["server"])]
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]

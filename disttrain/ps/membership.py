@@ -7,7 +7,7 @@ import threading
 import time
 
 from disttrain.observe.trace import ClockOffset
-from disttrain.ps import transport
+from disttrain.ps import auth, transport
 from disttrain.ps.protocol import Message
 
 
@@ -32,8 +32,11 @@ class Membership:
     socket (zmq sockets are never shared between threads)."""
 
     def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
-                 exit_on_dead=False):
+                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None):
         self.role, self.timeout = role, timeout
+        # Keys are per rank, so a keyed process knows its rank before it registers.
+        self.credentials = auth.resolve(credentials, role, rank)
+        self._scheduler_key = self.credentials and auth.ClientCurve(self.credentials, "scheduler")
         self.scheduler_address = f"tcp://{scheduler_address}"
         self.heartbeat_timeout = heartbeat_timeout
         self.exit_on_dead = exit_on_dead
@@ -43,13 +46,18 @@ class Membership:
         self.shutdown = threading.Event()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
-        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
+        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode(),
+                                              security=self._scheduler_key)
         self._beats = None
         self.clock = ClockOffset()   # the scheduler's clock minus ours, from heartbeats
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
-        """The Membership a job process's config.Config describes."""
+        """The Membership a job process's config.Config describes: its rank (the launcher's)
+        and its keys (or none, insecure)."""
+        kwargs.setdefault("rank", settings.rank)
+        if "credentials" not in kwargs:
+            kwargs["credentials"] = auth.credentials_from_config(settings, role, kwargs["rank"])
         return cls(role, settings.required("scheduler"),
                    heartbeat_timeout=settings.heartbeat_timeout, timeout=settings.timeout,
                    **kwargs)
@@ -69,8 +77,10 @@ class Membership:
 
     def register(self, tcp="", ipc="", rank=None):
         """Blocks until every process registered; returns the address book
-        {"server": [...], "worker": [...]} (entries have rank, tcp, ipc, hostname, netns)."""
+        {"server": [...], "worker": [...]} (entries have rank, tcp, ipc, hostname, netns, pid)."""
         hostname, netns = transport.host_identity()
+        if rank is None and self.credentials is not None:
+            rank = self.credentials.rank
         self._start_heartbeats()
         reply = self._request("register", f"register with the scheduler at "
                                           f"{self.scheduler_address}",
@@ -92,7 +102,8 @@ class Membership:
 
     def _heartbeat_loop(self):
         connection = transport.Connection(self.scheduler_address,
-                                          heartbeat_identity(self.node_id))
+                                          heartbeat_identity(self.node_id),
+                                          security=self._scheduler_key)
         interval = heartbeat_interval(self.heartbeat_timeout)
         last_answer = time.monotonic()
         try:

@@ -1,6 +1,7 @@
 """The one wire format of the parameter server: a msgpack header frame followed by raw
 array frames, and the checks every received message goes through before anyone trusts it."""
 import math
+import sys
 from dataclasses import dataclass, field
 
 import msgpack
@@ -42,6 +43,13 @@ _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # dtype.name is
 # docs/performance.md).
 FRAME_BYTES = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
+# Bounds checked at the door, before anything is allocated for a message: generous for any
+# real model (KVStore packs about MAX_CHUNK_BYTES per message), small enough that a peer
+# cannot make a server build huge Python structures from one header.
+MAX_FRAMES = 1 << 16
+MAX_KEYS = 1 << 16
+MAX_KEY_NAME_CHARS = 1024
+MAX_SENDER_CHARS = 256
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31
 
 
@@ -71,6 +79,9 @@ class Message:
     keys: list = field(default_factory=list)
     payloads: list = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    # Set on receipt, never sent: the key name ("worker-3") of the job member that sent it,
+    # as CURVE authenticated it; "" on an insecure socket.
+    peer: str = ""
 
 
 def frame_bounds(size, itemsize, frame_bytes=FRAME_BYTES):
@@ -124,6 +135,8 @@ def decode(frames, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
     builds its error text only when it fails: this is on every message's path."""
     if not frames:
         raise ProtocolError("empty message")
+    if len(frames) > MAX_FRAMES + 1:
+        raise ProtocolError(f"message of {len(frames)} frames exceeds {MAX_FRAMES + 1}")
     raw_header = _frame_bytes(frames[0])
     if len(raw_header) > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {len(raw_header)} bytes exceeds {MAX_HEADER_BYTES}")
@@ -140,10 +153,15 @@ def decode(frames, max_message_bytes=DEFAULT_MAX_MESSAGE_BYTES):
         raise ProtocolError(f"unknown op {op!r}")
     request_id = _field(header, "id", int)
     sender = _field(header, "sender", str)
+    if len(sender) > MAX_SENDER_CHARS:
+        raise ProtocolError(f"sender name of {len(sender)} characters exceeds {MAX_SENDER_CHARS}")
     keys = _field(header, "keys", list)
+    if len(keys) > MAX_KEYS:
+        raise ProtocolError(f"{len(keys)} keys in one message exceed {MAX_KEYS}")
     for key in keys:
-        if type(key) is not str:
-            raise ProtocolError("keys must all be strings")
+        if type(key) is not str or len(key) > MAX_KEY_NAME_CHARS:
+            raise ProtocolError(f"keys must all be strings of at most {MAX_KEY_NAME_CHARS} "
+                                f"characters")
     descriptors = _field(header, "payloads", list)
     meta = _field(header, "meta", dict)
     if len(descriptors) != len(frames) - 1:
@@ -213,11 +231,31 @@ def error_reply(request_id, sender, text):
                    meta={"error": text})
 
 
+class RejectionLog:
+    """Log lines about rejected messages, bounded so that a peer sending garbage cannot flood
+    the log: the first `first` in full, then one line per `every` with the count."""
+
+    def __init__(self, who, first=10, every=1000):
+        self.who, self.first, self.every = who, first, every
+        self.count = 0
+
+    def say(self, text):
+        self.count += 1
+        if self.count <= self.first or self.count % self.every == 0:
+            more = "" if self.count < self.first else \
+                f" (further rejections are logged once per {self.every})"
+            print(f"disttrain: {self.who} rejected message #{self.count}: {text}{more}",
+                  file=sys.stderr, flush=True)
+
+
 def peek_request_id(frames):
     """Best-effort request id of a message that failed validation, so the error reply
     can still be matched to the request; 0 when even that is unreadable."""
     try:
-        header = msgpack.unpackb(_frame_bytes(frames[0]), raw=False)
+        raw_header = _frame_bytes(frames[0])
+        if len(raw_header) > MAX_HEADER_BYTES:
+            return 0
+        header = msgpack.unpackb(raw_header, raw=False)
         request_id = header.get("id", 0)
         return request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else 0
     except Exception:

@@ -4,7 +4,7 @@ node side of that."""
 import sys
 import time
 
-from disttrain.ps import protocol, transport
+from disttrain.ps import auth, protocol, transport
 from disttrain.ps.membership import heartbeat_identity
 from disttrain.ps.protocol import Message
 
@@ -19,10 +19,15 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0):
+                 timeout=300.0, credentials=auth.FROM_ENV):
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
-        self.listener = transport.Listener(bind_host, tcp_port=port, with_ipc=False)
+        credentials = auth.resolve(credentials, "scheduler")
+        security = credentials and auth.ServerCurve(credentials, ("server", "worker"), "scheduler")
+        # Scheduler messages carry no arrays: a header's worth is plenty.
+        self.listener = transport.Listener(bind_host, protocol.MAX_HEADER_BYTES, tcp_port=port,
+                                           with_ipc=False, security=security)
+        self.rejections = protocol.RejectionLog("scheduler")
         self.size = {"worker": num_workers, "server": num_servers}
         self.heartbeat_timeout, self.timeout = heartbeat_timeout, timeout
         self.nodes = {}          # node id -> info dict from register (+ rank, last_seen)
@@ -43,6 +48,9 @@ class Scheduler:
         if node is None:
             return self._error(identity, message, f"{message.op} from unregistered node "
                                                   f"{message.meta.get('node')!r}")
+        if node["peer"] != message.peer:   # a member's key speaks only for its own node
+            return self._error(identity, message, f"{message.op} for {node['role']} node "
+                                                  f"{message.meta['node']!r} from {message.peer}")
         node["last_seen"] = time.monotonic()
         if message.op == "heartbeat":
             self.listener.send(identity, _heartbeat_reply(message))
@@ -55,7 +63,7 @@ class Scheduler:
             self._error(identity, message, f"the scheduler does not serve op {message.op!r}")
 
     def _error(self, identity, message, text):
-        _say(f"scheduler: bad request from {message.sender}: {text}")
+        self.rejections.say(f"bad request from {message.peer or message.sender}: {text}")
         self.listener.send(identity, protocol.error_reply(message.id, "scheduler", text))
 
     def _register(self, identity, message):
@@ -66,7 +74,11 @@ class Scheduler:
                                                   f"id, got role={role!r} node={node_id!r}")
         if self.book is not None:
             return self._error(identity, message, f"{role} registered after the job started")
-        requested = meta.get("rank")
+        refusal = auth.registration_refusal(message)
+        if refusal:
+            return self._error(identity, message, refusal)
+        # A key is bound to one rank: a keyed process gets its key's rank.
+        requested = auth.parse_key_name(message.peer)[1] if message.peer else meta.get("rank")
         if requested is not None and not (isinstance(requested, int)
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
@@ -77,7 +89,10 @@ class Scheduler:
         if len(taken) >= self.size[role]:
             return self._error(identity, message, f"more than {self.size[role]} {role}s "
                                                   f"registered")
-        self.nodes[node_id] = dict(meta, last_seen=time.monotonic())
+        if node_id in self.nodes:
+            return self._error(identity, message, f"node id {node_id!r} registered twice")
+        self.nodes[node_id] = dict(meta, rank=requested, peer=message.peer,
+                                   last_seen=time.monotonic())
         self.pending.append((identity, message))
         if len(self.nodes) == sum(self.size.values()):
             self._send_book()
@@ -93,7 +108,7 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns")}
+        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns", "pid")}
                          for n in nodes] for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:
@@ -141,7 +156,7 @@ class Scheduler:
                 try:
                     received = self.listener.receive(100)
                 except protocol.ProtocolError as error:
-                    _say(f"scheduler: rejected message: {error}")
+                    self.rejections.say(str(error))
                     self.listener.send(error.identity, protocol.error_reply(
                         error.request_id, "scheduler", str(error)))
                     continue

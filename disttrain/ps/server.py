@@ -10,7 +10,7 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import group as groups, protocol, transport
+from disttrain.ps import auth, group as groups, protocol, transport
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -555,18 +555,6 @@ def _by_key(message):
     return lists
 
 
-_rejected = 0
-
-
-def _log_rejected(text):
-    # A flood of bad messages must not flood the log: the first few, then every 100th.
-    global _rejected
-    _rejected += 1
-    if _rejected <= 10 or _rejected % 100 == 0:
-        print(f"disttrain: server rejected message #{_rejected}: {text}", file=sys.stderr,
-              flush=True)
-
-
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
           rank=None, observe=frozenset(), metrics_dir=None):
     """A server process's loop: register (asking for `rank`, the launcher's, if given, and
@@ -574,11 +562,16 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
     until the scheduler says shutdown (return 0) or reports a dead peer (return 1).
     `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
-    listener = transport.Listener(host, max_message_bytes)
+    keys = membership.credentials
+    listener = transport.Listener(host, max_message_bytes, security=keys and auth.ServerCurve(
+        keys, ("worker",), f"server {keys.rank}"))
+    rejections = protocol.RejectionLog("server")
     observer = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=rank)
+        if listener.security is not None:   # who is who among this host's ipc peers
+            listener.security.learn_local_peers(book, transport.host_identity())
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
@@ -588,7 +581,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             try:
                 received = listener.receive(100)
             except protocol.ProtocolError as error:
-                _log_rejected(str(error))
+                rejections.say(str(error))
                 listener.send(error.identity, protocol.error_reply(
                     error.request_id, state.sender, str(error)))
                 continue
@@ -597,8 +590,10 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                 continue
             identity, message = received
             started = time.perf_counter()
+            refusal = auth.worker_refusal(message)
             try:
-                replies = state.handle(identity, message)
+                replies = [(identity, protocol.error_reply(message.id, state.sender, refusal))] \
+                    if refusal else state.handle(identity, message)
             except Exception as error:  # a bug must not take the job down silently
                 traceback.print_exc()
                 replies = [(identity, protocol.error_reply(
@@ -606,7 +601,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             observer.handled(message, replies, started)
             for route, reply in replies:
                 if reply.op == "error":
-                    _log_rejected(reply.meta["error"])
+                    rejections.say(reply.meta["error"])
                 listener.send(route, reply)
         return 0
     finally:

@@ -1,6 +1,7 @@
 """Sockets, framing and deadlines: moves protocol Messages between processes over tcp or
 ipc. It knows nothing of keys, clocks or roles."""
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -8,7 +9,7 @@ import uuid
 
 import zmq
 
-from disttrain.ps import protocol
+from disttrain.ps import auth, protocol
 
 
 class PeerDied(RuntimeError):
@@ -83,37 +84,54 @@ def new_identity(role):
     return f"{role}-{os.getpid()}-{uuid.uuid4().hex[:8]}".encode()
 
 
-def configure(sock, max_message_bytes):
+def configure(sock, max_message_bytes, security=None):
     sock.setsockopt(zmq.LINGER, 0)
     # zmq drops a peer that sends a frame larger than this before we ever see it.
     sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if security is not None:   # CURVE keys must be set before connect
+        security.apply(sock)
     return sock
 
 
 class Listener:
     """A ROUTER socket bound on tcp (any free port on `host`) and, for peers on the same
-    host, on an ipc path. Replies go back to the identity a request came from."""
+    host, on an ipc path in a private (0700) directory. Replies go back to the identity a
+    request came from.
+
+    With `security` (an auth.ServerCurve) the tcp endpoint speaks CURVE and ipc does not:
+    libzmq fixes an endpoint's mechanism when it is bound, so ipc is bound first. The 0700
+    directory admits only this user's processes, and the kernel names each one's pid (the
+    ipc connection's ZAP User-Id), which security.peer_of maps to a job member. CURVE on ipc
+    slowed same-host training too much (figure in docs/performance.md)."""
 
     def __init__(self, host, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
-                 tcp_port=None, with_ipc=True):
+                 tcp_port=None, with_ipc=True, security=None):
         self.max_message_bytes = max_message_bytes
         self._timeout_ms = -1
+        self.security = security
         self.socket = configure(context().socket(zmq.ROUTER), max_message_bytes)
         # A reply to a peer that went away is dropped rather than blocking the server.
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        if tcp_port is None:
-            port = self.socket.bind_to_random_port(f"tcp://{host}")
-        else:
-            self.socket.bind(f"tcp://{host}:{tcp_port}")
-            port = tcp_port
-        self.tcp_address = f"tcp://{host}:{port}"
-        self.ipc_path = None
+        self.ipc_directory = None
         self.ipc_address = ""
-        if with_ipc:
-            self.ipc_path = os.path.join(tempfile.gettempdir(),
-                                         f"disttrain-{uuid.uuid4().hex[:12]}.ipc")
-            self.ipc_address = f"ipc://{self.ipc_path}"
-            self.socket.bind(self.ipc_address)
+        try:
+            if with_ipc:
+                self.ipc_directory = tempfile.mkdtemp(prefix="disttrain-")
+                self.ipc_address = f"ipc://{os.path.join(self.ipc_directory, 'listener.ipc')}"
+                if security is not None:
+                    security.apply_local(self.socket)
+                self.socket.bind(self.ipc_address)
+            if security is not None:
+                security.apply(self.socket)   # for the tcp endpoint bound next
+            if tcp_port is None:
+                port = self.socket.bind_to_random_port(f"tcp://{host}")
+            else:
+                self.socket.bind(f"tcp://{host}:{tcp_port}")
+                port = tcp_port
+        except BaseException:
+            self.close()
+            raise
+        self.tcp_address = f"tcp://{host}:{port}"
 
     def receive(self, timeout_ms):
         """(identity, Message) for the next request, or None after timeout_ms. A bad
@@ -128,11 +146,14 @@ class Listener:
             return None
         identity, body = frames[0].bytes, frames[1:]
         try:
-            return identity, protocol.decode(body, self.max_message_bytes)
+            message = protocol.decode(body, self.max_message_bytes)
         except protocol.ProtocolError as error:
             error.identity = identity
             error.request_id = protocol.peek_request_id(body) if body else 0
             raise
+        if self.security is not None:
+            message.peer = self.security.peer_of(body[0])
+        return identity, message
 
     def send(self, identity, message):
         self.socket.send_multipart([identity] + protocol.encode(message), copy=False)
@@ -140,20 +161,23 @@ class Listener:
     def close(self, linger_ms=0):
         """linger_ms > 0 lets queued replies and notices leave before the socket goes."""
         self.socket.close(linger=linger_ms)
-        if self.ipc_path:
-            try:
-                os.unlink(self.ipc_path)
-            except OSError:
-                pass
+        if self.security is not None:
+            self.security.release()
+        if self.ipc_directory:
+            shutil.rmtree(self.ipc_directory, ignore_errors=True)
 
 
 class Connection:
     """A DEALER socket connected to one peer's Listener."""
 
-    def __init__(self, address, identity, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, address, identity, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES,
+                 security=None):
         self.address = address
         self.max_message_bytes = max_message_bytes
-        self.socket = configure(context().socket(zmq.DEALER), max_message_bytes)
+        # security: an auth.ClientCurve holding the peer's public key, or None (insecure).
+        # ipc needs none: a secure Listener knows its ipc peers by pid (see there).
+        self.socket = configure(context().socket(zmq.DEALER), max_message_bytes,
+                                None if address.startswith("ipc://") else security)
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.connect(address)
 

@@ -114,6 +114,52 @@ def launch_run():
 
 # ---- network namespaces as hosts -------------------------------------------------
 
+class Capture:
+    """tcpdump on one interface of a namespace while a block runs; `.data` then holds the
+    pcap file's bytes (every captured packet whole, so any plaintext shows in them).
+    On exit a marker datagram goes out to `peer` and the capture ends once it was written,
+    so no packet of the block is still on its way through tcpdump."""
+
+    def __init__(self, namespace, interface, path, peer):
+        self.namespace, self.path, self.peer = namespace, path, peer
+        self.argv = ["ip", "netns", "exec", namespace, "tcpdump", "-i", interface, "-n", "-U",
+                     "--immediate-mode", "-s", "0", "-w", str(path)]
+        self.marker = f"capture-end-{new_tag()}".encode()
+        self.data = b""
+
+    def __enter__(self):
+        if shutil.which("tcpdump") is None:
+            pytest.skip("tcpdump is not installed (apt-get install -y tcpdump)")
+        self.popen = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
+        line = self.popen.stderr.readline()   # "listening on ..." once it captures
+        assert "listening on" in line, f"tcpdump did not start: {line}"
+        return self
+
+    def __exit__(self, *error):
+        try:
+            send = (f"import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM)"
+                    f".sendto({self.marker!r}, ({self.peer!r}, 9))")
+
+            def marker_written():
+                subprocess.run(["ip", "netns", "exec", self.namespace, PYTHON, "-c", send],
+                               check=True, timeout=20)
+                return self.marker in self._read()
+
+            wait_until(marker_written, DEADLINE_S)   # checked below, after tcpdump stopped
+        finally:
+            os.killpg(self.popen.pid, signal.SIGINT)
+            self.popen.wait(timeout=20)
+            self.popen.stderr.close()
+        self.data = self._read()
+        assert self.marker in self.data, "the capture never saw its end marker"
+        return False
+
+    def _read(self):
+        with open(self.path, "rb") as capture:
+            return capture.read()
+
+
 def namespaces_unavailable():
     """Why this machine cannot make network namespaces, or None if it can."""
     if os.geteuid() != 0:

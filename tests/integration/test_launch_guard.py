@@ -1,6 +1,7 @@
 """launch.guard, the wrapper of remote processes: it passes the exit status on and stops
 its program, with everything in its group, when its stdin closes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -91,3 +92,38 @@ def test_signal_ending_the_program_is_reported_as_128_plus_its_number():
         assert popen.wait(timeout=20) == 128 + signal.SIGKILL
     finally:
         kill_group(popen)
+
+
+def test_keys_on_stdin_reach_the_program_in_a_private_directory_removed_at_the_end(tmp_path):
+    from launch import keys
+    from launch.placement import Process
+    job_keys = keys.JobKeys()
+    job_keys.make(num_workers=2, num_servers=1)
+    line = job_keys.stdin_line(Process("worker", 1, None, 0, []))
+    probe = ("import os, json; d = os.environ['DISTTRAIN_KEYS']; "
+             "print(json.dumps([d, oct(os.stat(d).st_mode & 0o777), sorted(os.listdir(d))]), "
+             "flush=True); input()")
+    tag = new_tag()
+    popen = subprocess.Popen([PYTHON, "-m", "launch.guard", "--keys-on-stdin", "--", PYTHON,
+                              "-c", probe], cwd=ROOT, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, env={**os.environ, TAG_VARIABLE: tag},
+                             start_new_session=True)
+    try:
+        popen.stdin.write(line)
+        popen.stdin.flush()
+        directory, mode, files = json.loads(popen.stdout.readline())
+        assert mode == "0o700"
+        assert [name for name in files if name.endswith("_secret")] == ["worker-1.key_secret"]
+        popen.stdin.close()   # the launcher's stop
+        popen.wait(timeout=20)
+        assert not os.path.exists(directory)
+    finally:
+        kill_group(popen)
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_a_guard_whose_stdin_closes_before_the_keys_arrive_exits_2():
+    popen = subprocess.Popen([PYTHON, "-m", "launch.guard", "--keys-on-stdin", "--", "true"],
+                             cwd=ROOT, stdin=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, stderr = popen.communicate(b"", timeout=20)
+    assert popen.returncode == 2 and b"before the job's keys arrived" in stderr

@@ -1,6 +1,7 @@
 """The ssh back end across three network-namespace "hosts" (10.77.0.0/24 exists only
 between them), run through `--remote-cmd 'ip netns exec {host}'`: placement, addresses,
-and stopping remote processes, including when the launcher itself is killed -9."""
+each process's private keys, stopping remote processes (including when the launcher itself
+is killed -9), and a real parameter server whose traffic on the wire is encrypted."""
 
 import json
 import os
@@ -9,7 +10,8 @@ import signal
 import pytest
 
 from tests.integration.conftest import (
-    PYTHON, TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
+    PYTHON, ROOT, TAG_VARIABLE, TOY_WORKER, Capture, launcher_argv, new_tag, wait_for_no_tagged,
+    wait_for_program_pid)
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +54,14 @@ def test_workers_run_on_their_hosts_and_reach_the_scheduler_on_the_first(namespa
         assert reports[rank]["DISTTRAIN_HOST"] == namespace_hosts.addresses[host_index]
         assert reports[rank]["DISTTRAIN_SCHEDULER"].startswith(scheduler_address + ":")
         assert greetings[rank].endswith(scheduler_address), greetings
+        # Keys came through the guard's stdin: a private directory holding every public key
+        # and only this worker's own secret one, removed when the job ended.
+        keys = reports[rank]["keys"]
+        assert keys["mode"] == "700"
+        assert [name for name in keys["files"] if name.endswith(".key_secret")] == \
+            [f"worker-{rank}.key_secret"]
+        assert f"server-1.key" in keys["files"] and "scheduler.key" in keys["files"]
+        assert not os.path.exists(keys["directory"])
     assert "servers 0 0; workers 0 0" in run.stderr.strip().splitlines()[-1]
     assert wait_for_no_tagged(tag) == []
 
@@ -110,3 +120,41 @@ def test_timeline_and_straggler_report_come_back_from_every_host(namespace_hosts
     report = [line for line in run.stderr.splitlines() if line.startswith("launch:   worker")]
     assert "<- straggler" in report[0] and "<- straggler" not in report[1], report
     assert wait_for_no_tagged(tag) == []
+
+
+TRAIN_PROGRAM = [PYTHON, os.path.join(ROOT, "tests", "ps", "train_program.py")]
+
+
+def plaintext_markers():
+    """Byte strings that a plaintext parameter-server run of train_program puts on the wire:
+    a key name, a header field, and pieces of the initial weights rank 0 sends at init."""
+    from tests.ps.train_program import TinyNet
+    weights = TinyNet().w1.data.tobytes()
+    return [b"table.weight", b"clock"] + [weights[i:i + 16] for i in range(0, 256, 16)]
+
+
+def captured_run(namespace_hosts, launch_run, directory, *options, hosts=None,
+                 remote_cmd=NETNS_TEMPLATE, prefix=()):
+    """Runs a real-PS job (workers on hosts 1 and 2, scheduler and server on host 0) while
+    tcpdump watches host 0's bridge; returns the plaintext markers seen on the wire."""
+    tag = new_tag()
+    os.makedirs(directory)
+    argv = [PYTHON, "-m", "launch", "--env", f"{TAG_VARIABLE}={tag}", "-n", "2", "-s", "1",
+            "-H", hosts or namespace_hosts.host_list([0, 1, 1]), "--remote-cmd", remote_cmd,
+            "--grace", "2", *options, "--", *TRAIN_PROGRAM, "--out", str(directory),
+            "--steps", "5"]
+    with Capture(namespace_hosts.names[0], "br0", directory / "capture.pcap",
+                 peer=namespace_hosts.addresses[1]) as capture:
+        run = launch_run(argv, tag, prefix=prefix)
+        assert run.finish(60) == 0, run.stderr[-3000:]
+    assert wait_for_no_tagged(tag) == []
+    assert len(capture.data) > 10_000, len(capture.data)   # it saw the job
+    return [marker for marker in plaintext_markers() if marker in capture.data]
+
+
+def test_parameter_server_traffic_between_hosts_shows_no_key_names_or_weights(
+        namespace_hosts, launch_run, tmp_path):
+    assert captured_run(namespace_hosts, launch_run, tmp_path / "curve") == []
+    # The same capture of an --insecure run does see them: the check above can fail.
+    assert len(captured_run(namespace_hosts, launch_run, tmp_path / "insecure",
+                            "--insecure")) >= 3

@@ -1,5 +1,6 @@
 """The ssh back end through a real OpenSSH: sshd runs inside each namespace "host" with
-a throw-away host key and client key, and the launcher runs in the first namespace."""
+a throw-away host key and client key, and the launcher runs in the first namespace. A real
+parameter-server job's keys travel inside ssh and its traffic is encrypted on the wire."""
 
 import os
 import shutil
@@ -10,7 +11,7 @@ import pytest
 
 from tests.integration.conftest import (
     TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
-from tests.integration.test_launch_multihost import worker_reports
+from tests.integration.test_launch_multihost import captured_run, worker_reports
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -105,3 +106,15 @@ def test_remote_worker_killed_behind_ssh_is_named_with_its_signal(namespace_host
     assert run.finish() == 128 + signal.SIGKILL
     assert f"worker 0 exited with code 137 (SIGKILL on {namespace_hosts.addresses[1]})" in run.stderr
     assert wait_for_no_tagged(tag) == []
+
+
+def test_real_job_over_ssh_sends_keys_and_tensors_only_encrypted(namespace_hosts, sshd_hosts,
+                                                                 launch_run, tmp_path):
+    hosts = ",".join(f"{address}:{slots}"
+                     for address, slots in zip(namespace_hosts.addresses, [0, 1, 1]))
+    seen = captured_run(namespace_hosts, launch_run, tmp_path / "ssh", hosts=hosts,
+                        remote_cmd=sshd_hosts,
+                        prefix=["ip", "netns", "exec", namespace_hosts.names[0]])
+    assert seen == []
+    capture = (tmp_path / "ssh" / "capture.pcap").read_bytes()
+    assert b"secret-key" not in capture and b"key_secret" not in capture

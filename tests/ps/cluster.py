@@ -8,6 +8,8 @@ import sys
 
 from tests.waiting import wait_until
 
+from disttrain.ps import auth
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRAM = os.path.join(ROOT, "tests", "ps", "train_program.py")
 
@@ -19,9 +21,15 @@ def free_port():
 
 
 class Cluster:
-    def __init__(self, directory, num_workers, num_servers, heartbeat_timeout=10, timeout=60):
+    def __init__(self, directory, num_workers, num_servers, heartbeat_timeout=10, timeout=60,
+                 insecure=False):
+        """Every socket speaks CURVE with keys made here, as the launcher does, unless
+        `insecure` (DISTTRAIN_INSECURE=1, launch --insecure)."""
         self.directory = str(directory)
-        self.env = dict(os.environ, DISTTRAIN_SCHEDULER=f"127.0.0.1:{free_port()}",
+        self.keys = os.path.join(self.directory, "keys")
+        security = {"DISTTRAIN_INSECURE": "1"} if insecure else \
+            {"DISTTRAIN_KEYS": auth.make_key_directory(self.keys, num_workers, num_servers)}
+        self.env = dict(os.environ, **security, DISTTRAIN_SCHEDULER=f"127.0.0.1:{free_port()}",
                         DISTTRAIN_NUM_WORKERS=str(num_workers),
                         DISTTRAIN_NUM_SERVERS=str(num_servers), DISTTRAIN_HOST="127.0.0.1",
                         DISTTRAIN_HEARTBEAT_TIMEOUT=str(heartbeat_timeout),
@@ -46,10 +54,11 @@ class Cluster:
         for rank in range(self.num_servers):
             self._start(f"server{rank}", [sys.executable, "-m", "disttrain.ps"], "server", rank)
 
-    def start_workers(self, *args):
+    def start_workers(self, *args, program=None):
+        """Every worker runs train_program.py with `args`, or `program` (a list of words)."""
+        argv = [sys.executable] + (program or [PROGRAM, "--out", self.directory, *map(str, args)])
         for rank in range(self.num_workers):
-            self._start(f"worker{rank}", [sys.executable, PROGRAM, "--out", self.directory,
-                                          *map(str, args)], "worker", rank)
+            self._start(f"worker{rank}", argv, "worker", rank)
 
     def wait(self, seconds):
         """{name: exit code} once all exited; None for those still running at the deadline."""

@@ -1,9 +1,11 @@
 """Test helper: a parameter-server job inside the test process (scheduler, servers and
 workers on threads, talking over loopback sockets), for fast tests of the real protocol."""
+import os
+import tempfile
 import threading
 from contextlib import contextmanager
 
-from disttrain.ps import client, scheduler, server
+from disttrain.ps import auth, client, scheduler, server
 from disttrain.ps.membership import Membership
 from tests.ps.cluster import free_port
 
@@ -11,30 +13,46 @@ TIMEOUT = 60
 
 
 @contextmanager
-def job(num_workers, num_servers):
+def job(num_workers, num_servers, insecure=False):
     """Scheduler and servers on threads; yields connect(), which registers all workers
     at once (registration waits for everyone) and returns their (membership, store) in
-    rank order. Everything is shut down on exit."""
+    rank order. Everything is shut down on exit. Every socket speaks CURVE with the job's
+    own keys, as in a launched job; connect.keys is their directory (for DISTTRAIN_KEYS).
+    insecure=True: no CURVE (DISTTRAIN_INSECURE=1), for several DataParallel workers in
+    one process, which cannot each find their own rank's key in one environment."""
     address = f"127.0.0.1:{free_port()}"
+    keys = os.path.join(tempfile.mkdtemp(prefix="disttrain-test-"), "keys")
+    auth.make_key_directory(keys, num_workers, num_servers)
+
+    def credentials(role, rank=None):
+        return None if insecure else auth.load_credentials(keys, role, rank)
+
     sched = scheduler.Scheduler(address, num_workers, num_servers, heartbeat_timeout=30,
-                                timeout=TIMEOUT)
+                                timeout=TIMEOUT, credentials=credentials("scheduler"))
     threads = [threading.Thread(target=sched.run, daemon=True)]
     threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
-        membership=Membership("server", address, 30, TIMEOUT), host="127.0.0.1"))
-        for _ in range(num_servers)]
+        membership=Membership("server", address, 30, TIMEOUT,
+                              credentials=credentials("server", rank)),
+        host="127.0.0.1"))
+        for rank in range(num_servers)]
     for thread in threads:
         thread.start()
     connected = []
 
     def connect():
         def one(rank):
-            membership = Membership("worker", address, 30, TIMEOUT)
+            membership = Membership("worker", address, 30, TIMEOUT,
+                                    credentials=credentials("worker", rank))
             book = membership.register(rank=rank)
+            # All workers here share one pid, which names no one over ipc: tcp and CURVE.
+            for entry in book["server"]:
+                entry["ipc"] = ""
             connected.append((membership, client.KVStore(book, rank, membership, TIMEOUT)))
         run_workers(num_workers, one)
         return sorted(connected, key=lambda pair: pair[0].rank)
 
     connect.address = address   # for a worker that registers by itself (DataParallel)
+    connect.keys = keys
     try:
         yield connect
     finally:
@@ -46,6 +64,8 @@ def job(num_workers, num_servers):
                 membership.close()
         for thread in threads:
             thread.join(timeout=10)
+        auth.remove_key_directory(keys)
+        os.rmdir(os.path.dirname(keys))
         assert not any(t.is_alive() for t in threads), "scheduler or server did not stop"
 
 

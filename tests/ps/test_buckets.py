@@ -37,7 +37,8 @@ def one_worker_job(monkeypatch):
     with job(1, 1) as connect:
         for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=connect.address,
                                 DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
-                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT)).items():
+                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT),
+                                DISTTRAIN_KEYS=connect.keys).items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
         yield

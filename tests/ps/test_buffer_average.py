@@ -47,14 +47,15 @@ def worker_env(monkeypatch):
     def set_env(address, num_workers):
         for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=address,
                                 DISTTRAIN_NUM_WORKERS=str(num_workers), DISTTRAIN_NUM_SERVERS="1",
-                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT)).items():
+                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT),
+                                DISTTRAIN_INSECURE="1").items():
             monkeypatch.setenv(name, value)
         monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
     return set_env
 
 
 def test_saved_statistics_are_the_mean_over_workers(worker_env, tmp_path):
-    with job(2, 1) as connect:   # connect() unused: DataParallel registers by itself
+    with job(2, 1, insecure=True) as connect:   # connect() unused: DataParallel registers by itself
         worker_env(connect.address, 2)
         saved = {}
 
@@ -79,7 +80,7 @@ def test_saved_statistics_are_the_mean_over_workers(worker_env, tmp_path):
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_an_average_key_stores_the_mean_of_the_pushed_values(mode):
-    with job(2, 1) as connect:
+    with job(2, 1, insecure=True) as connect:
         stores = [store for _, store in connect()]
         for store in stores:
             store.declare(KEY, (4,), np.float32, average=True)

@@ -1,6 +1,7 @@
 """The wire format: what goes in comes out, and every malformed message is refused with a
 reason."""
 import re
+import tracemalloc
 
 import msgpack
 import numpy as np
@@ -95,6 +96,38 @@ PACKED = {"key": 0, "kind": "packed", "dtype": "float32", "shape": [2], "start":
 def test_malformed_messages_are_refused_with_the_reason(frames, reason):
     with pytest.raises(ProtocolError, match=re.escape(reason)):
         protocol.decode(frames)
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([header()] + [b""] * (protocol.MAX_FRAMES + 1), "frames exceeds"),
+    ([header(keys=["k" * (protocol.MAX_KEY_NAME_CHARS + 1)])], "at most 1024 characters"),
+    ([header(keys=["k"] * (protocol.MAX_KEYS + 1))], "keys in one message exceed"),
+    ([header(sender="s" * (protocol.MAX_SENDER_CHARS + 1))], "sender name of 257"),
+])
+def test_counts_and_names_past_their_bounds_are_refused(frames, reason):
+    with pytest.raises(ProtocolError, match=re.escape(reason)):
+        protocol.decode(frames)
+
+
+def test_a_message_claiming_a_terabyte_shape_allocates_nothing():
+    descriptor = {"key": 0, "kind": "dense", "dtype": "float64", "shape": [1 << 37],
+                  "start": 0}
+    tracemalloc.start()
+    try:
+        with pytest.raises(ProtocolError, match="needs 1099511627776 bytes, frame has 8"):
+            protocol.decode([header(payloads=[descriptor]), bytes(8)])
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak   # parsing and the exception; nothing sized by the claim
+
+
+def test_rejection_log_lines_are_bounded(capsys):
+    log = protocol.RejectionLog("server", first=10, every=1000)
+    for _ in range(10_000):
+        log.say("bad")
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 10 + 10 and "#10000" in lines[-1], lines[-3:]
 
 
 def test_messages_over_the_size_limit_are_refused():

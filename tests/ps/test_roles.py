@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from disttrain.ps import transport
+from disttrain.ps import auth, transport
 from disttrain.ps.protocol import Message
 from tests.ps.cluster import Cluster
 from tests.waiting import wait_until
@@ -20,10 +20,12 @@ def catches_sigterm(pid):
     return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
 
 
-def scheduler_answers(address):
+def scheduler_answers(address, keys):
     """Whether the scheduler at host:port answers a heartbeat (it does so in its loop, even
-    for a node that never registered)."""
-    connection = transport.Connection(f"tcp://{address}", b"test-probe")
+    for a node that never registered). The probe speaks CURVE with worker 0's key from the
+    job's key directory `keys`: the scheduler lets in no one else."""
+    security = auth.ClientCurve(auth.load_credentials(keys, "worker", 0), "scheduler")
+    connection = transport.Connection(f"tcp://{address}", b"test-probe", security=security)
     try:
         probe = Message("heartbeat", 1, "test-probe", meta={"node": "test-probe"})
         return connection.request(probe, transport.Deadline(30, "probe the scheduler")).op == "reply"
@@ -39,7 +41,7 @@ def test_sigterm_ends_scheduler_and_servers_with_exit_code_0(tmp_path):
         # for the worker that never comes.
         wait_until(lambda: all(catches_sigterm(p.pid) for p in cluster.processes.values()), 30,
                    "the scheduler and servers to install their SIGTERM handlers")
-        assert scheduler_answers(cluster.env["DISTTRAIN_SCHEDULER"])
+        assert scheduler_answers(cluster.env["DISTTRAIN_SCHEDULER"], cluster.keys)
         assert all(p.poll() is None for p in cluster.processes.values())
         for process in cluster.processes.values():
             process.send_signal(signal.SIGTERM)
@@ -64,6 +66,10 @@ def test_a_job_run_without_launcher_ends_by_itself_when_workers_say_goodbye(tmp_
     ({"DISTTRAIN_ROLE": "worker"}, "DISTTRAIN_ROLE='worker'"),
     ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_SCHEDULER": ""}, "DISTTRAIN_SCHEDULER='' must be host:port"),
     ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_TIMEOUT": "soon"}, "DISTTRAIN_TIMEOUT='soon' is not a number"),
+    ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_INSECURE": "yes"}, "DISTTRAIN_INSECURE='yes' must be 0 or 1"),
+    ({"DISTTRAIN_ROLE": "scheduler"}, "DISTTRAIN_KEYS is not set"),
+    ({"DISTTRAIN_ROLE": "server", "DISTTRAIN_KEYS": "/nonexistent/keys"},
+     "cannot read the key directory /nonexistent/keys"),
 ])
 def test_bad_settings_exit_non_zero_naming_the_setting(env, message):
     base = {k: v for k, v in os.environ.items() if not k.startswith("DISTTRAIN_")}

@@ -47,6 +47,10 @@ def main():
     env["affinity"] = sorted(os.sched_getaffinity(0))
     env["pid"] = os.getpid()
     env["netns_inode"] = os.stat("/proc/self/ns/net").st_ino
+    keys = os.environ.get("DISTTRAIN_KEYS")
+    if keys:
+        env["keys"] = {"directory": keys, "mode": f"{os.stat(keys).st_mode & 0o777:o}",
+                       "files": sorted(os.listdir(keys))}
     print(json.dumps(env), flush=True)
     if args.greet_scheduler:
         print("greeting:", greet(os.environ["DISTTRAIN_SCHEDULER"]), flush=True)
