@@ -72,7 +72,7 @@ class DataParallel:
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
-                 bucket_bytes=BUCKET_BYTES):
+                 bucket_bytes=BUCKET_BYTES, checkpoints=None):
         if mode not in server.MODES:
             raise ValueError(f"DataParallel: mode {mode!r} is not one of {server.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
@@ -82,6 +82,7 @@ class DataParallel:
         self.model, self.optimizer = model, optimizer
         self.mode, self.staleness, self.overlap = mode, staleness, overlap
         self.bucket_bytes = bucket_bytes
+        self.checkpoints = checkpoints   # a checkpoint_dist.Checkpoints to resume from / write
         self.rank, self.num_workers, self.clock = 0, 1, 0
         role = os.environ.get("DISTTRAIN_ROLE", "")
         if role not in ("", "worker"):
@@ -111,7 +112,11 @@ class DataParallel:
             if self.rank == 0:
                 self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                  self.optimizer.config(), self.mode, self.staleness)
+                if self.checkpoints is not None:   # servers load a checkpoint, if there is one
+                    self.checkpoints.restore_servers(self)
             self._membership.barrier("worker")
+            if self.checkpoints is not None:
+                self.checkpoints.learn_restored(self)
             self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()

@@ -66,18 +66,21 @@ def main(argv=None):
         optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     else:
         optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    saved = harness.checkpoints(args)
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      checkpoints=saved) as trainer:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
                             drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
                             shard_index=trainer.rank)
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        first = harness.resume(checkpoint, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        first = position["step"] if position else 0
+        batches = harness.Batches(loader, first, last, position)
         progress = harness.Progress(last, f"{args.model} rank {trainer.rank}", not args.no_progress)
         losses, loss_log, start = [], harness.LossLog(args, trainer), time.perf_counter()
-        for step, (x, y) in harness.batches(loader, first, last):
+        for step, (x, y) in batches:
             loss = F.cross_entropy(model(harness.on_device(x, args)), y)
             trainer.zero_grad()
             loss.backward()
@@ -86,8 +89,8 @@ def main(argv=None):
             losses.append(loss.item())
             loss_log.write(step + 1, losses[-1])
             progress.update(step + 1, len(x), loss=np.mean(losses[-50:]))
-            if (step + 1) % len(loader) == 0 or step + 1 == last:
-                harness.save_checkpoint(args, model, optimizer, schedule, step + 1, trainer)
+            if harness.after_step(saved, step + 1, batches, model, optimizer, schedule, last):
+                return harness.PREEMPTED_EXIT
         progress.close()
         loss_log.close()
         wall = time.perf_counter() - start
@@ -100,4 +103,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

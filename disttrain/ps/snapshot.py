@@ -1,5 +1,6 @@
 """A server's shard of a distributed checkpoint: its chunks' weights and every optimizer state
 written to one safetensors file, and chunks of any key layout rebuilt from such files (resharding)."""
+import json
 import os
 from pathlib import Path
 
@@ -199,3 +200,18 @@ def fsync_directory(directory):
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+MANIFEST = "manifest.json"
+
+
+def read_manifest(directory):
+    """The manifest of a checkpoint directory, as a dict; SnapshotError naming the file."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise SnapshotError(f"{path}: cannot read the manifest ({error})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), list):
+        raise SnapshotError(f"{path}: not a checkpoint manifest (no 'files' list)")
+    return manifest
