@@ -206,8 +206,8 @@ class Job:
         """SIGTERM (a scheduler preempting the job): ask only the workers to stop; a worker
         with --checkpoint-dir writes a checkpoint at the next step, which needs the servers
         up, and exits PREEMPTED_EXIT. The rest is stopped once the workers are gone."""
-        self._say(f"got SIGTERM, asking the workers to checkpoint and stop "
-                  f"(--grace {self.grace_s:g} s)")
+        self._say(f"got SIGTERM, stopping every process (workers first: they may write a "
+                  f"checkpoint within --grace {self.grace_s:g} s)")
         self.exit_code = 128 + signal.SIGTERM
         self.stopping = self.preempting = True
         self.kill_at = time.monotonic() + self.grace_s
