@@ -1,5 +1,6 @@
 """``save`` / ``load`` of nested training state as a true safetensors file: arrays are tensors named
 by their dotted path ("model.fc.weight"); other values and the nesting go in ``__metadata__`` as JSON."""
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ def save_with_digest(state, path):
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # keeps every tensor 8-byte aligned in the file
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    digest = hashlib.sha256()
+    digest = BackgroundDigest()
     try:
         with open(temporary, "wb") as f:
             for block in _blocks([struct.pack("<Q", len(header_bytes)), header_bytes] +
@@ -59,9 +60,34 @@ def save_with_digest(state, path):
             os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
+        digest.close()
         if temporary.exists():
             temporary.unlink()
     return 8 + len(header_bytes) + offset, digest.hexdigest()
+
+
+class BackgroundDigest:
+    """sha256 computed on a thread of its own, block by block in order, while the caller
+    writes or reads the next block (both release the GIL): hashing then costs little more
+    than the I/O instead of adding to it."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "disttrain-sha256")
+        self._last = None
+
+    def update(self, block):
+        # One worker thread runs the updates in submission order; the caller keeps `block`
+        # unchanged until hexdigest() (it is a view of data written or read once).
+        self._last = self._pool.submit(self._digest.update, block)
+
+    def hexdigest(self):
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self):
+        """Wait for the updates submitted so far and end the thread."""
+        self._pool.shutdown(wait=True)
 
 
 def _blocks(buffers, size=HASH_BLOCK_BYTES):
@@ -135,15 +161,20 @@ def load_verified(path, size, sha256):
             raise CheckpointError(f"{path} is {actual} bytes, but the manifest says {size} "
                                   f"(truncated or overwritten)")
         data = bytearray(size)
-        view, digest, done = memoryview(data), hashlib.sha256(), 0
-        while done < size:
-            count = f.readinto(view[done:done + HASH_BLOCK_BYTES])
-            if not count:
-                raise CheckpointError(f"{path} ended after {done} of {size} bytes while reading")
-            digest.update(view[done:done + count])
-            done += count
-    if digest.hexdigest() != sha256:
-        raise CheckpointError(f"{path} has sha256 {digest.hexdigest()}, but the manifest says "
+        view, digest, done = memoryview(data), BackgroundDigest(), 0
+        try:
+            while done < size:
+                count = f.readinto(view[done:done + HASH_BLOCK_BYTES])
+                if not count:
+                    raise CheckpointError(f"{path} ended after {done} of {size} bytes while "
+                                          f"reading")
+                digest.update(view[done:done + count])
+                done += count
+        finally:
+            digest.close()
+    actual = digest.hexdigest()
+    if actual != sha256:
+        raise CheckpointError(f"{path} has sha256 {actual}, but the manifest says "
                               f"{sha256} (corrupted)")
     return _parse(data, path)
 

@@ -117,27 +117,31 @@ def restore_shard(server, directory, manifest):
 
 
 def _rebuild_chunk(key, old_chunks, shard):
-    """(step, {name: array}, param) of `key`'s rows, gathered from the old chunks."""
+    """(step, {name: array}, param) of `key`'s rows, gathered from the old chunks. A chunk
+    that was written as it is now comes back as views of the file's buffer (no copy)."""
     start, stop = key.chunk.row_start, key.chunk.row_stop
+    pieces = [(index, server, old_start, old_stop)
+              for index, server, old_start, old_stop in old_chunks
+              if max(start, old_start) < min(stop, old_stop) or
+              start == stop == old_start == old_stop]
+    saved = [_saved_chunk(key, shard, index, server) for index, server, _, _ in pieces]
+    if len(pieces) == 1 and pieces[0][2:] == [start, stop]:
+        only = saved[0]
+        return only["step"], {name: np.asarray(value).reshape(key.param.shape)
+                              for name, value in only["state"].items()}, \
+            np.asarray(only["param"]).reshape(key.param.shape)
     param = np.empty_like(key.param)
     arrays, steps, covered = {}, [], 0
-    for old_index, old_server, old_start, old_stop in old_chunks:
+    for (_, _, old_start, old_stop), chunk in zip(pieces, saved):
         low, high = max(start, old_start), min(stop, old_stop)
-        if low >= high and not (start == stop == old_start == old_stop):
-            continue
-        try:
-            saved = shard(old_server)["chunks"][key.name][old_index]
-        except (KeyError, TypeError):
-            raise SnapshotError(f"restore: {shard_file(old_server)} has no chunk {old_index} "
-                                f"of key {key.name!r}") from None
         source = slice(low - old_start, high - old_start)
         target = slice(low - start, high - start)
-        param[target] = np.asarray(saved["param"]).reshape(-1, key.chunk.row_size)[source]
+        param[target] = np.asarray(chunk["param"]).reshape(-1, key.chunk.row_size)[source]
         covered += high - low
-        step_count = saved["step"]
+        step_count = chunk["step"]
         steps.append(np.asarray(step_count)[source] if isinstance(step_count, np.ndarray)
                      else step_count)
-        for name, value in saved["state"].items():
+        for name, value in chunk["state"].items():
             if name not in arrays:
                 arrays[name] = np.zeros_like(param)
             arrays[name][target] = np.asarray(value).reshape(-1, key.chunk.row_size)[source]
@@ -145,6 +149,14 @@ def _rebuild_chunk(key, old_chunks, shard):
         raise SnapshotError(f"restore: the checkpoint covers {covered} of the {stop - start} "
                             f"rows of key {key.name!r} chunk {key.chunk.index}")
     return _join_steps(key, steps), arrays, param
+
+
+def _saved_chunk(key, shard, index, server):
+    try:
+        return shard(server)["chunks"][key.name][index]
+    except (KeyError, TypeError):
+        raise SnapshotError(f"restore: {shard_file(server)} has no chunk {index} of key "
+                            f"{key.name!r}") from None
 
 
 def _join_steps(key, steps):
@@ -162,7 +174,10 @@ def _join_steps(key, steps):
 
 def _install(key, step_count, arrays, param):
     """Put restored values where the server's update code expects them."""
-    key.param[...] = param
+    if key.group is None and param.flags.writeable and param.flags.c_contiguous:
+        key.param = param   # the file's buffer becomes the server's array: no copy
+    else:
+        key.param[...] = param
     key.pending.clear()
     if step_count is None:
         key.state = {}
@@ -172,7 +187,7 @@ def _install(key, step_count, arrays, param):
         flat = {name: value.reshape(-1) for name, value in arrays.items()}
         per_slice = max(1, SLICE_BYTES // key.param.itemsize)
         key.state = {start // per_slice: {"step": step_count,
-                                           **{name: value[start:start + per_slice].copy()
+                                           **{name: value[start:start + per_slice]
                                               for name, value in flat.items()}}
                      for start in range(0, key.param.size, per_slice)}
 
