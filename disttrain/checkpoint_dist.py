@@ -390,9 +390,13 @@ def resolve(path):
 
 
 def export(path, out):
-    """Write the full weights of a checkpoint to one safetensors file, named as the model's
-    parameters: loadable by dt.load, by `safetensors` (numpy or torch) and hence by PyTorch."""
-    weights = {name: entry["param"] for name, entry in full_state(resolve(path)).items()}
+    """Write the full weights of a checkpoint (and rank 0's buffers) to one safetensors file,
+    named as in the model's state_dict(): loadable by dt.load, by `safetensors` (numpy or
+    torch) and hence by PyTorch."""
+    step_dir = resolve(path)
+    weights = {name: entry["param"] for name, entry in full_state(step_dir).items()}
+    if snapshot.read_manifest(step_dir)["servers"]:   # buffers (BatchNorm statistics): rank 0's
+        weights.update(checkpoint.load(step_dir / worker_file(0))["buffers"])
     checkpoint.save(weights, out)
     return weights
 

@@ -188,10 +188,13 @@ class Job:
                 self.selector.register(fd, selectors.EVENT_READ, child)
 
     def _on_signal(self, signum, frame):
-        if self.signal_received is not None:
-            # A second Ctrl-C: the user does not want to wait for the grace period.
+        if self.signal_received is not None and (signum, self.signal_received) != \
+                (signal.SIGTERM, signal.SIGTERM):
+            # A second Ctrl-C: the user does not want to wait for the grace period. (Slurm
+            # may send a preemption's SIGTERM to the batch script and to us: that is one.)
             self.kill_now = True
-        self.signal_received = signum
+        if self.signal_received is None or signum != signal.SIGTERM:
+            self.signal_received = signum
 
     def _check_signal(self):
         if self.signal_received == signal.SIGTERM and not self.stopping:

@@ -197,3 +197,46 @@ def test_a_truncated_shard_is_refused_by_name_and_the_run_falls_back(
     assert f"refusing checkpoint step-000020" in run.stderr and str(shard) in run.stderr
     assert "resuming from step-000010" in run.stderr
     assert_same_state(expected, final_state(directory))
+
+
+def test_export_of_a_distributed_checkpoint_loads_in_one_process_and_in_safetensors(
+        launch_run, tmp_path, tmp_path_factory):
+    safetensors_numpy = pytest.importorskip("safetensors.numpy")
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "workers"))
+    import mnist
+    expected = unbroken(launch_run, tmp_path_factory, "adam", 1)
+    directory = tmp_path / "ckpt"
+    run_job(launch_run, 2, 3, MNIST + flags("adam") + ["--max-steps", "5", "--checkpoint-dir",
+                                                       str(directory)])
+    out = tmp_path / "model.safetensors"
+    assert checkpoint_dist.main(["export", str(directory), str(out)]) == 0
+    loaded = safetensors_numpy.load_file(str(out))
+    model = mnist.mlp()
+    model.load_state_dict(loaded)          # strict: exactly the model's names and shapes
+    state = checkpoint_dist.full_state(checkpoint_dist.resolve(directory))
+    for name, value in loaded.items():
+        np.testing.assert_array_equal(value, state[name]["param"])
+    assert sorted(loaded) == sorted(expected)
+
+
+def test_sigterm_preempts_workers_on_remote_hosts_and_a_rerun_resumes_there(
+        namespace_hosts, launch_run, tmp_path, tmp_path_factory):
+    """The ssh back end's path (each process under launch.guard, stopped by closing its
+    stdin), with network namespaces as hosts that share this file system."""
+    expected = unbroken(launch_run, tmp_path_factory, "adam", 1)
+    directory, losses = tmp_path / "ckpt", tmp_path / "loss.txt"
+    command = MNIST + flags("adam") + ["--max-steps", str(STEPS), "--checkpoint-dir",
+                                       str(directory), "--loss-log", str(losses)]
+    hosts = ["-H", namespace_hosts.host_list([0, 1, 1]), "--remote-cmd", "ip netns exec {host}",
+             "--grace", "60"]
+    tag = new_tag()
+    run = launch_run(argv(tag, 2, 1, command, *hosts), tag)
+    wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3 or
+             run.popen.poll() is not None, "three steps")
+    os.kill(run.popen.pid, signal.SIGTERM)
+    assert run.finish(DEADLINE_S) == checkpoint_dist.PREEMPTED_EXIT, run.stderr[-4000:]
+    assert wait_for_no_tagged(tag) == []
+    run = run_job(launch_run, 2, 1, command, *hosts)
+    assert "resumed from" in run.stderr
+    assert_same_state(expected, final_state(directory))

@@ -195,3 +195,45 @@ def test_shipped_sbatch_script_runs_the_job(slurm_env, tmp_path):
     finally:
         kill_tagged(tag)
     assert wait_for_no_tagged(tag) == []
+
+
+def slurm_job_field(env, job_id, field):
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
+                           text=True, timeout=10).stdout
+    words = dict(word.split("=", 1) for word in shown.split() if "=" in word)
+    return words.get(field)
+
+
+def test_a_preempted_requeue_job_checkpoints_and_resumes_by_itself(slurm_env, launch_run, tmp_path,
+                                                                   tmp_path_factory):
+    """sbatch --requeue; SIGTERM to the batch script mid-run (what --signal=B:TERM@N sends):
+    the job checkpoints, exits 75, requeues itself, and the second run resumes and ends with
+    the weights and Adam moments of an unbroken run."""
+    from tests.integration import test_checkpoint_dist as checkpoints
+    expected = checkpoints.unbroken(launch_run, tmp_path_factory, "adam", 1)
+    tag, output = new_tag(), tmp_path / "job.out"
+    directory, losses = tmp_path / "ckpt", tmp_path / "loss.txt"
+    command = checkpoints.MNIST + checkpoints.flags("adam") + [
+        "--max-steps", str(checkpoints.STEPS), "--checkpoint-dir", str(directory),
+        "--loss-log", str(losses)]
+    env = {**slurm_env, "PYTHON": PYTHON, TAG_VARIABLE: tag,
+           "DISTTRAIN_LAUNCH_OPTIONS": f"--env {TAG_VARIABLE}={tag} --grace 60"}
+    try:
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--nodes=1", "--ntasks=2",
+             f"--output={output}", os.path.join(ROOT, "launch", "slurm.sbatch"), *command],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip().split(";")[0]
+        checkpoints.wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3,
+                             "three steps of the first run")
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, timeout=20,
+                       check=True)
+        checkpoints.wait_for(lambda: slurm_job_field(env, job_id, "JobState") == "COMPLETED" and
+                             slurm_job_field(env, job_id, "Restarts") == "1", "the requeued run")
+        text = output.read_text()
+        assert "exit 75;" in text and "at step " in text, text[-4000:]
+        checkpoints.assert_same_state(expected, checkpoints.final_state(directory))
+    finally:
+        kill_tagged(tag)
+    assert wait_for_no_tagged(tag) == []
