@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "salloc", "sbatch", "srun")
 CLUSTER_START_DEADLINE_S = 30.0
+REQUEUE_DEADLINE_S = 480.0
 INSTALL_HINT = "apt-get install -y slurm-wlm munge"
 FAKE_PS_EXECUTABLE = os.path.join(PROGRAMS, "fake_ps.py")
 
@@ -229,8 +230,17 @@ def test_a_preempted_requeue_job_checkpoints_and_resumes_by_itself(slurm_env, la
                              "three steps of the first run")
         subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, timeout=20,
                        check=True)
-        checkpoints.wait_for(lambda: slurm_job_field(env, job_id, "JobState") == "COMPLETED" and
-                             slurm_job_field(env, job_id, "Restarts") == "1", "the requeued run")
+        # Slurm holds a requeued batch job before it is eligible again (here about two
+        # minutes of this test's three), hence the long deadline.
+        end = time.monotonic() + REQUEUE_DEADLINE_S
+        while not (slurm_job_field(env, job_id, "JobState") == "COMPLETED" and
+                   slurm_job_field(env, job_id, "Restarts") == "1"):
+            if time.monotonic() > end:
+                shown = subprocess.run(["scontrol", "show", "job", job_id], env=env,
+                                       capture_output=True, text=True, timeout=10).stdout
+                pytest.fail(f"no requeued run finished within {REQUEUE_DEADLINE_S:g} s:\n"
+                            f"{shown}\n{output.read_text()[-4000:] if output.exists() else ''}")
+            time.sleep(0.2)
         text = output.read_text()
         assert "exit 75;" in text and "at step " in text, text[-4000:]
         checkpoints.assert_same_state(expected, checkpoints.final_state(directory))
