@@ -21,6 +21,7 @@ LATEST = "latest"
 # A worker stopped by SIGTERM after writing its checkpoint exits with EX_TEMPFAIL (sysexits.h):
 # "try again later" is what a rerun of the same command does; the launcher exits with it too.
 PREEMPTED_EXIT = 75
+PREEMPTING = ".preempting"   # where async/ssp workers write their files on preemption
 
 
 def step_name(step):
@@ -268,7 +269,11 @@ class Checkpoints:
         asked = self._preemption_clock()
         due = asked or last or position["epoch_end"] or (self.every and step % self.every == 0)
         if due:
-            self.write(step, position, model, optimizer, schedule)
+            # Async/ssp workers hear of a preemption at different steps: they meet in a
+            # folder whose name they all know, which rank 0 then renames after its step.
+            staging = asked and trainer.is_distributed and trainer.mode != "sync"
+            self.write(step, position, model, optimizer, schedule,
+                       folder=PREEMPTING if staging else None)
         self.stopped = bool(asked)
         return self.stopped
 
@@ -283,16 +288,19 @@ class Checkpoints:
         # replies of that clock, and writes after it; async/ssp write once they hear.
         return trainer.mode != "sync" or clock <= trainer.clock - 1
 
-    def write(self, step, position, model, optimizer, schedule=None):
-        """Every worker calls this at the same step: its own file, then (rank 0) the servers'
-        shards, the manifest and DIR/latest, between barriers so that no push of the next
-        clock reaches a server before its shard is written."""
+    def write(self, step, position, model, optimizer, schedule=None, folder=None):
+        """Every worker calls this at the same step (or, with `folder`, the same moment):
+        its own file, then (rank 0) the servers' shards, the manifest and DIR/latest, between
+        barriers so that no push of the next clock reaches a server before its shard is
+        written."""
         trainer = self.trainer
         step_dir = self.directory / step_name(step)
+        shared = self.directory / folder if folder else step_dir
         if trainer.rank == 0:
-            if step_dir.exists():   # an interrupted or superseded write of this step
-                shutil.rmtree(step_dir)
-            step_dir.mkdir(parents=True)
+            for stale in {shared, step_dir}:
+                if stale.exists():   # an interrupted or superseded write of this step
+                    shutil.rmtree(stale)
+            shared.mkdir(parents=True)
         self._barrier()
         state = {"rank": trainer.rank, "step": step, "epoch": position["epoch"],
                  "start": position["start"], "rng": random.default_rng().bit_generator.state,
@@ -302,9 +310,11 @@ class Checkpoints:
         if not trainer.is_distributed:
             state["model"] = model.state_dict()
             state["optimizer"] = optimizer.state_dict()
-        checkpoint.save(state, step_dir / worker_file(trainer.rank))
+        checkpoint.save(state, shared / worker_file(trainer.rank))
         self._barrier()
         if trainer.rank == 0:
+            if shared != step_dir:
+                os.replace(shared, step_dir)
             self._write_manifest(step, step_dir, position)
         self._barrier()
 

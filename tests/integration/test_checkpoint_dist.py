@@ -88,6 +88,7 @@ def assert_same_state(expected, got, tolerance=0.0):
                 [(value, got[name]["state"][key]) for key, value in entry["state"].items()]:
             assert a.shape == b.shape and a.dtype == b.dtype, name
             worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+    print(f"max abs difference of weights and optimizer state: {worst}")
     assert worst <= tolerance, f"max abs difference {worst} > {tolerance}"
     return worst
 
@@ -240,3 +241,31 @@ def test_sigterm_preempts_workers_on_remote_hosts_and_a_rerun_resumes_there(
     run = run_job(launch_run, 2, 1, command, *hosts)
     assert "resumed from" in run.stderr
     assert_same_state(expected, final_state(directory))
+
+
+@pytest.mark.parametrize("mode", ["async", "ssp"])
+def test_async_and_ssp_jobs_checkpoint_on_sigterm_and_resume_each_worker_where_it_was(
+        launch_run, tmp_path, mode):
+    """No exact reference exists for async runs; what must hold: the preempted job writes one
+    complete checkpoint, its shards record the clocks each key has seen, and the rerun resumes
+    every worker from the step its own file recorded and finishes."""
+    directory, losses = tmp_path / "ckpt", tmp_path / "loss.txt"
+    command = MNIST + flags("adam") + ["--mode", mode, "--max-steps", str(STEPS),
+                                       "--checkpoint-dir", str(directory), "--loss-log", str(losses)]
+    tag = new_tag()
+    run = launch_run(argv(tag, 2, 2, command, "--grace", "60"), tag)
+    wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3 or
+             run.popen.poll() is not None, "three steps")
+    os.kill(run.popen.pid, signal.SIGTERM)
+    assert run.finish(DEADLINE_S) == checkpoint_dist.PREEMPTED_EXIT, run.stderr[-4000:]
+    assert wait_for_no_tagged(tag) == []
+    step_dir = checkpoint_dist.resolve(directory)
+    manifest = checkpoint_dist.verify(step_dir, roles=("worker", "server"))
+    assert (manifest["mode"], manifest["servers"], manifest["workers"]) == (mode, 2, 2)
+    steps = [checkpoint_dist.checkpoint.load(step_dir / f"worker-{rank}.safetensors")["step"]
+             for rank in range(2)]
+    shard = checkpoint_dist.checkpoint.load(step_dir / "server-0.safetensors")
+    assert all(sum(clocks["pushes"]) > 0 for clocks in shard["clocks"].values())
+    run = run_job(launch_run, 2, 2, command)
+    assert f"at step {steps[0]}" in run.stderr and f"at step {steps[1]}" in run.stderr
+    assert final_state(directory)
