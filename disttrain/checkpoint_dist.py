@@ -161,6 +161,8 @@ class Checkpoints:
         self.preempted = False    # SIGTERM arrived
         self.stopped = False      # wrote the preemption checkpoint: stop now
 
+    # It drives DataParallel's KVStore (ops checkpoint / restore / restored, the preemption
+    # flag) and Membership (barriers) directly: they are the job's own connections.
     def stop_on_sigterm(self):
         """SIGTERM (the launcher passing on a preemption) asks for a checkpoint at the next
         clock every worker agrees on, then a stop with PREEMPTED_EXIT."""
@@ -200,6 +202,7 @@ class Checkpoints:
         """Every worker, after the barrier that follows restore_servers: which checkpoint
         (if any) the servers hold, so that all workers resume from the same one."""
         self.trainer = trainer
+        trainer._store.ask_checkpoint = self.preempted   # a SIGTERM during start-up
         handle = trainer._store.request("restored", {}, servers=[0])
         handle.wait()
         restored = next(iter(handle.replies.values()))["restored"]
