@@ -146,9 +146,15 @@ def load(path):
     """
     path = Path(path)
     with open(path, "rb") as f:
-        data = bytearray(os.fstat(f.fileno()).st_size)
+        data = _buffer(os.fstat(f.fileno()).st_size)
         f.readinto(data)
     return _parse(data, path)
+
+
+def _buffer(size):
+    """A writable byte buffer of `size` bytes, not zero-filled (bytearray(size) writes every
+    byte once more before the read does)."""
+    return memoryview(np.empty(size, dtype=np.uint8))
 
 
 def load_verified(path, size, sha256):
@@ -160,8 +166,8 @@ def load_verified(path, size, sha256):
         if actual != size:
             raise CheckpointError(f"{path} is {actual} bytes, but the manifest says {size} "
                                   f"(truncated or overwritten)")
-        data = bytearray(size)
-        view, digest, done = memoryview(data), BackgroundDigest(), 0
+        data = _buffer(size)
+        view, digest, done = data, BackgroundDigest(), 0
         try:
             while done < size:
                 count = f.readinto(view[done:done + HASH_BLOCK_BYTES])
@@ -187,7 +193,7 @@ def _parse(data, path):
         raise CheckpointError(f"load: {path} declares a {header_size}-byte header but has only "
                               f"{len(data) - 8} bytes after the length (truncated or not safetensors)")
     try:
-        header = json.loads(data[8:8 + header_size].decode("utf-8"))
+        header = json.loads(bytes(data[8:8 + header_size]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"load: {path} has a corrupt header: {error}") from None
     if not isinstance(header, dict):
