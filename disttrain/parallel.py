@@ -69,6 +69,9 @@ class DataParallel:
     optimizer call (see ``ps.server.Group``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
+
+    ``checkpoints``: a ``checkpoint_dist.Checkpoints``; rank 0 then loads the newest usable
+    checkpoint into the servers right after init, before anyone pulls.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
