@@ -2,6 +2,7 @@
 files refused by name with a fallback, export to one safetensors file, and resumed data
 positions that see every sample of an epoch once, whatever the new number of workers."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def test_export_writes_full_weights_that_the_safetensors_package_loads(tmp_path)
     safetensors_numpy = pytest.importorskip("safetensors.numpy")
     model, _ = train(tmp_path / "ckpt", 3)
     out = tmp_path / "model.safetensors"
-    assert checkpoint_dist.main(["export", str(tmp_path / "ckpt"), str(out)]) == 0
+    exported = subprocess.run([sys.executable, "-m", "disttrain.checkpoint", "export",
+                               str(tmp_path / "ckpt"), str(out)], capture_output=True, text=True,
+                              timeout=120)
+    assert exported.returncode == 0 and not exported.stderr, exported.stderr
     loaded = safetensors_numpy.load_file(str(out))
     assert sorted(loaded) == sorted(model.state_dict())
     for name, value in model.state_dict().items():

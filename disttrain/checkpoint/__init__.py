@@ -242,9 +242,3 @@ def _rebuild(structure, tensors, metadata):
         return tensors[structure["tensor"]]
     return json.loads(metadata[structure["value"]])
 
-
-if __name__ == "__main__":   # python -m disttrain.checkpoint export DIR out.safetensors
-    import sys
-
-    from disttrain import checkpoint_dist
-    sys.exit(checkpoint_dist.main())
