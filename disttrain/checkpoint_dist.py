@@ -173,30 +173,39 @@ class Checkpoints:
         signal.signal(signal.SIGTERM, on_sigterm)
 
     # --- resuming -------------------------------------------------------------------
-    def restore_servers(self, trainer):
-        """Rank 0, after init and before any pull: load the newest usable checkpoint into
-        the servers, falling back past damaged ones, saying which and why."""
+    def _newest_usable(self, load):
+        """(step dir, manifest) of the first checkpoint, DIR/latest's then newest first, whose
+        manifest and worker files check out and that `load(step_dir, manifest)` takes; says
+        which were refused and why; None when there is none at all."""
         refused = []
         for step_dir in complete_checkpoints(self.directory):
             try:
                 manifest = verify(step_dir)
-                if not manifest["servers"]:
-                    raise checkpoint.CheckpointError(
-                        f"{step_dir} was written by a single process (no servers); resume it "
-                        f"without the launcher, or move it away to start afresh")
-                trainer._store.request("restore", {"dir": str(step_dir),
-                                                   "step": manifest["step"]}).wait()
-            except (checkpoint.CheckpointError, RuntimeError) as error:
+                load(step_dir, manifest)
+            except (checkpoint.CheckpointError, RuntimeError) as error:   # PSError: a server's
                 _say(f"refusing checkpoint {step_dir.name}: {error}")
                 refused.append(step_dir.name)
                 continue
             if refused:
                 _say(f"resuming from {step_dir.name}, the newest complete checkpoint "
                      f"(refused: {', '.join(refused)})")
-            return
+            return step_dir, manifest
         if refused:
             raise RuntimeError(f"no usable checkpoint in {self.directory} (refused: "
                                f"{', '.join(refused)}); move it away to start afresh")
+        return None
+
+    def restore_servers(self, trainer):
+        """Rank 0, after init and before any pull: load the newest usable checkpoint into
+        the servers (each checks the shards it reads), falling back past damaged ones."""
+        def load(step_dir, manifest):
+            if not manifest["servers"]:
+                raise checkpoint.CheckpointError(
+                    f"{step_dir} was written by a single process (no servers); resume it "
+                    f"without the launcher, or move it away to start afresh")
+            trainer._store.request("restore", {"dir": str(step_dir),
+                                               "step": manifest["step"]}).wait()
+        self._newest_usable(load)
 
     def learn_restored(self, trainer):
         """Every worker, after the barrier that follows restore_servers: which checkpoint
@@ -211,27 +220,13 @@ class Checkpoints:
             self.restored = (step_dir, verify(step_dir))
 
     def _restore_local(self):
-        """One process: the newest usable checkpoint and this worker's state in it."""
-        refused = []
-        for step_dir in complete_checkpoints(self.directory):
-            try:
-                manifest = verify(step_dir)
-                if manifest["servers"]:
-                    raise checkpoint.CheckpointError(
-                        f"{step_dir} was written by {manifest['servers']} servers; resume it with "
-                        f"the launcher (python -m launch -s N ...)")
-            except checkpoint.CheckpointError as error:
-                _say(f"refusing checkpoint {step_dir.name}: {error}")
-                refused.append(step_dir.name)
-                continue
-            if refused:
-                _say(f"resuming from {step_dir.name}, the newest complete checkpoint "
-                     f"(refused: {', '.join(refused)})")
-            self.restored = (step_dir, manifest)
-            return
-        if refused:
-            raise RuntimeError(f"no usable checkpoint in {self.directory} (refused: "
-                               f"{', '.join(refused)}); move it away to start afresh")
+        """One process: the newest usable checkpoint that a single process wrote."""
+        def load(step_dir, manifest):
+            if manifest["servers"]:
+                raise checkpoint.CheckpointError(
+                    f"{step_dir} was written by {manifest['servers']} servers; resume it with "
+                    f"the launcher (python -m launch -s N ...)")
+        self.restored = self._newest_usable(load)
 
     def resume(self, trainer, model, optimizer, schedule=None):
         """Restore this worker's own state; returns the position to start from as
