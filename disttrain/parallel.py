@@ -1,24 +1,11 @@
 """DataParallel: the one object a worker program wraps its model and optimizer with. Alone it
 trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server."""
-import atexit
-import os
-import sys
-
 import numpy as np
 
-from disttrain import backend
-from disttrain.ps import client, scheduler, server
+from disttrain import backend, config
+from disttrain.ps import client, membership, protocol
 
-_failed = False  # set when the program dies of an uncaught exception
 BUCKET_BYTES = 1 << 20  # about where a message's fixed cost falls below its transfer time
-
-
-def _note_failure(hook):
-    def excepthook(*args):
-        global _failed
-        _failed = True
-        hook(*args)
-    return excepthook
 
 
 class _Bucket:
@@ -53,8 +40,14 @@ class DataParallel:
     Sparse embeddings (a module with ``sparse=True`` and a ``weight``): pushes carry only the
     rows of the RowSparseGrad; pulls fetch only the rows a batch uses, at the start of that
     module's forward (its indices are known there, and in sync mode those rows are exactly
-    what every worker's previous step produced). ``model.state_dict()`` and ``close()`` pull
-    such tables whole, so checkpoints and evaluation never see stale rows.
+    what every worker's previous step produced). ``state_dict()`` (DataParallel's: use it
+    for checkpoints) and ``close()`` pull such tables whole, so checkpoints and evaluation
+    never see stale rows.
+
+    A worker leaves the job with ``close()``, which the end of a ``with DataParallel(...)``
+    block calls. A worker that ends any other way (an exception in the block, a crash, a
+    kill, or no close()) says no goodbye: its heartbeats stop, and the scheduler names it
+    dead to every other process, which then exit non-zero.
 
     overlap=False pushes every gradient in step() instead of from backward's hooks: needed
     when gradients change between backward() and step() (clipping, accumulation over several
@@ -66,7 +59,7 @@ class DataParallel:
     moment the last of their gradients is ready, and its reply brings their weights of the
     next clock: one message per bucket and step instead of a push and a pull per parameter.
     Its small gradients travel packed in one frame, and the server updates them with one
-    optimizer call (see ``ps.server.Group``); each is still the key of its own name.
+    optimizer call (see ``ps/group.py``); each is still the key of its own name.
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
 
@@ -76,8 +69,8 @@ class DataParallel:
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
                  bucket_bytes=BUCKET_BYTES, checkpoints=None):
-        if mode not in server.MODES:
-            raise ValueError(f"DataParallel: mode {mode!r} is not one of {server.MODES}")
+        if mode not in protocol.MODES:
+            raise ValueError(f"DataParallel: mode {mode!r} is not one of {protocol.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
             raise ValueError(f"DataParallel: staleness {staleness!r} must be an int >= 0")
         if not (isinstance(bucket_bytes, int) and bucket_bytes >= 0):
@@ -86,22 +79,23 @@ class DataParallel:
         self.mode, self.staleness, self.overlap = mode, staleness, overlap
         self.bucket_bytes = bucket_bytes
         self.checkpoints = checkpoints   # a checkpoint_dist.Checkpoints to resume from / write
-        self.rank, self.num_workers, self.clock = 0, 1, 0
-        role = os.environ.get("DISTTRAIN_ROLE", "")
-        if role not in ("", "worker"):
-            raise RuntimeError(f"DataParallel runs in worker programs, but DISTTRAIN_ROLE={role!r}")
-        self.is_distributed = role == "worker"
+        self.rank, self.num_workers, self.num_servers, self.clock = 0, 1, 0, 0
+        settings = config.from_env()
+        if settings.role not in (None, "worker"):
+            raise RuntimeError(f"DataParallel runs in worker programs, but "
+                               f"DISTTRAIN_ROLE={settings.role!r}")
+        self.is_distributed = settings.role == "worker"
         self._closed = False
         if self.is_distributed:
-            self._connect()
+            self._connect(settings)
 
     # --- set-up -----------------------------------------------------------------
-    def _connect(self):
-        self._membership = scheduler.Membership.from_env("worker")
+    def _connect(self, settings):
+        self._membership = membership.Membership.from_config("worker", settings)
         try:
-            rank = os.environ.get("DISTTRAIN_RANK", "")
-            book = self._membership.register(rank=int(rank) if rank else None)
+            book = self._membership.register(rank=settings.rank)
             self.rank, self.num_workers = self._membership.rank, len(book["worker"])
+            self.num_servers = len(book["server"])
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
             self._params = dict(self.model.named_parameters())
@@ -128,11 +122,8 @@ class DataParallel:
         if self.overlap:
             for p in self._params.values():
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
-        for name, module in self._sparse.items():
-            self._pull_rows_before_forward(name, module)
-        self._pull_whole_before_state_dict()
-        sys.excepthook = _note_failure(sys.excepthook)
-        atexit.register(self.close)
+        self._row_pulls = [module.register_forward_pre_hook(self._rows_puller(name))
+                           for name, module in self._sparse.items()]
 
     def _sparse_modules(self):
         """{weight key: module} of the layers that produce row-sparse gradients."""
@@ -162,27 +153,14 @@ class DataParallel:
             buckets.append(group)
         return [_Bucket([n for n, _ in g], [p for _, p in g]) for g in buckets]
 
-    def _pull_rows_before_forward(self, name, module):
-        original = module.forward
-
-        def forward(indices, *args, **kwargs):
-            if not self._closed:   # after close() the whole table was pulled already
-                array = indices.data if hasattr(indices, "data") else indices
-                rows = np.unique(backend.to_numpy(array)).astype(np.int64)
-                self._pull([name], rows={name: rows})
-            return original(indices, *args, **kwargs)
-
-        module.forward = forward
-
-    def _pull_whole_before_state_dict(self):
-        original = self.model.state_dict
-
-        def state_dict(*args, **kwargs):
-            if self._sparse and not self._closed:
-                self._pull(list(self._sparse))
-            return original(*args, **kwargs)
-
-        self.model.state_dict = state_dict
+    def _rows_puller(self, name):
+        """A forward pre-hook for the sparse layer of key `name`: pull the rows its indices
+        (the first argument) name, so the forward sees them current."""
+        def pull_rows(module, args):
+            array = args[0].data if hasattr(args[0], "data") else args[0]
+            rows = np.unique(backend.to_numpy(array)).astype(np.int64)
+            self._pull([name], rows={name: rows})
+        return pull_rows
 
     # --- moving weights and gradients -------------------------------------------
     def _pull(self, names, rows=None):
@@ -223,6 +201,13 @@ class DataParallel:
             self._push(bucket)
 
     # --- the training-loop API ----------------------------------------------------
+    def state_dict(self):
+        """The model's state_dict(), sparse tables pulled whole first (between steps a worker
+        holds only the rows its own batches used)."""
+        if self.is_distributed and self._sparse and not self._closed:
+            self._pull(list(self._sparse))
+        return self.model.state_dict()
+
     def zero_grad(self):
         self.optimizer.zero_grad()
 
@@ -243,15 +228,18 @@ class DataParallel:
         for targets in pulled:
             self._store_pulled(targets)
 
-    def close(self):
-        """Say goodbye to the scheduler (the job ends once every worker has). Called at
-        exit if the program does not; a program dying of an exception says no goodbye, so
-        the scheduler reports it dead to everyone."""
+    def close(self, failed=False):
+        """Leave the job. Normally: wait for what is in flight, pull sparse tables whole
+        (the model is complete for evaluation or saving), and say goodbye to the scheduler
+        (the job ends once every worker has). failed=True leaves without goodbye, so the
+        scheduler names this worker dead to everyone."""
         if self._closed or not self.is_distributed:
             self._closed = True
             return
+        for handle in self._row_pulls:
+            handle.remove()
         try:
-            if not _failed and not self._membership.dead:
+            if not failed and not self._membership.dead:
                 for handle in self._pending:
                     handle.wait()
                 # Leave the model complete for evaluation or saving after close().
@@ -267,13 +255,9 @@ class DataParallel:
         return self
 
     def __exit__(self, error_type, error, traceback):
-        if error_type is None:
-            self.close()
-        else:
-            # No goodbye: the scheduler notices the silence and tells every other process.
-            global _failed
-            _failed = True
-            self.close()
+        # After an exception, no goodbye: the scheduler notices the silence and tells every
+        # other process which worker failed.
+        self.close(failed=error_type is not None)
         return False
 
 

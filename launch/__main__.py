@@ -102,7 +102,7 @@ def plan(args, environ):
                        parse_env_assignments(args.env), environ)
     if args.bind:
         # Pinned workers cannot step aside for a server thread woken on their core; a
-        # real-time server preempts them at once (see disttrain.ps.server.use_realtime_priority).
+        # real-time server preempts them at once (see use_realtime_priority, disttrain/ps/__main__.py).
         for process in processes:
             if process.role == "server":
                 process.env["DISTTRAIN_REALTIME"] = "1"

@@ -8,7 +8,8 @@ after warm-up) and ends with one JSON line: {"mlp_ratio": ..., "lenet_ratio": ..
 By default glibc's malloc is told to keep freed memory for reuse (mallopt, applied once to
 the whole process, so to both engines): numpy allocates a fresh array per op result, and
 with glibc's default each array over its mmap threshold comes from fresh pages whose first
-touch page-faults (measured ~40% of a LeNet step). --default-malloc skips this.
+touch page-faults (a large part of a LeNet step, see docs/performance.md). --default-malloc
+skips this.
 """
 import os
 

@@ -26,7 +26,8 @@ import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from disttrain.ps import client, scheduler  # noqa: E402
+from disttrain import backend  # noqa: E402
+from disttrain.ps import client, membership  # noqa: E402
 
 RAW_MESSAGE_BYTES = 1 << 20
 MB = 1 << 20
@@ -126,11 +127,12 @@ class Job:
                         DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS=str(num_servers),
                         DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120")
         self.processes = [self._start("scheduler")] + [self._start("server") for _ in range(num_servers)]
-        self.membership = scheduler.Membership("worker", f"127.0.0.1:{port}", 10, 120)
+        self.membership = membership.Membership("worker", f"127.0.0.1:{port}", 10, 120)
         book = self.membership.register()
         if transport == "tcp":   # without an ipc address the client connects over tcp
             for entry in book["server"]:
                 entry["ipc"] = ""
+        backend.keep_freed_memory()   # as in a worker program: heap pages for received frames
         self.store = client.KVStore(book, self.membership.rank, self.membership, 120)
         self.arrays = {}
 

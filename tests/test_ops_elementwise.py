@@ -1,9 +1,12 @@
 """Gradient checks for arithmetic and activations, on broadcast and non-contiguous inputs."""
+import math
+
 import numpy as np
 import pytest
 
 import disttrain as dt
 from disttrain import ops
+from disttrain.ops import special
 from tests.gradcheck import gradcheck
 
 rng = np.random.default_rng(0)
@@ -110,6 +113,43 @@ def test_piecewise_activation_gradient(name):
 
 def test_leaky_relu_slope_gradient():
     gradcheck(lambda x: ops.leaky_relu(x, 0.2), away_from_zero(10))
+
+
+def test_gelu_tanh_form_gradient():
+    gradcheck(lambda x: ops.gelu(x, approximate="tanh"), randn(4, 5) * 3)
+
+
+def test_erfc_matches_math_erfc_to_double_precision():
+    x = np.concatenate([np.linspace(-26, 26, 200001), [0.0, -0.0, 0.46875, -0.46875, 4.0, -4.0]])
+    expected = np.array([math.erfc(v) for v in x])
+    np.testing.assert_allclose(special.erfc(x), expected, rtol=1e-14, atol=0)
+    np.testing.assert_array_equal(special.erfc(np.array([np.inf, -np.inf, 40.0])), [0.0, 2.0, 0.0])
+    assert np.isnan(special.erfc(np.array([np.nan]))).all()
+
+
+def test_exact_gelu_matches_the_erf_formula_on_a_dense_grid():
+    x = np.linspace(-12, 12, 120001)
+    expected = np.array([v * math.erfc(-v / math.sqrt(2)) / 2 for v in x])
+    np.testing.assert_allclose(ops.gelu(dt.tensor(x)).data, expected, rtol=1e-13, atol=1e-300)
+    assert ops.gelu(dt.tensor(x.astype(np.float32))).dtype == np.float32
+
+
+def test_exact_gelu_matches_torch_default_gelu_in_float64():
+    torch = pytest.importorskip("torch")
+    x = np.linspace(-10, 10, 20001)
+    ours = dt.tensor(x, requires_grad=True)
+    theirs = torch.tensor(x, requires_grad=True)
+    out, out_t = ops.gelu(ours), torch.nn.functional.gelu(theirs)
+    np.testing.assert_allclose(out.data, out_t.detach().numpy(), rtol=0, atol=1e-6)
+    weights = randn(x.size)
+    (out * weights).sum().backward()
+    (out_t * torch.tensor(weights)).sum().backward()
+    np.testing.assert_allclose(ours.grad, theirs.grad.numpy(), rtol=0, atol=1e-6)
+
+
+def test_gelu_refuses_an_unknown_approximation():
+    with pytest.raises(ValueError, match="approximate must be 'none' or 'tanh', got 'fast'"):
+        ops.gelu(dt.tensor(np.ones(2)), approximate="fast")
 
 
 def test_sigmoid_and_softplus_do_not_overflow_for_large_inputs():

@@ -2,12 +2,12 @@
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import disttrain as dt
+from disttrain import config
 from disttrain.checkpoint_dist import PREEMPTED_EXIT, Checkpoints  # noqa: F401 (PREEMPTED_EXIT: for workers)
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -34,7 +34,7 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this step of the job, counted from its start across resumes")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--device", default=os.environ.get("DISTTRAIN_DEVICE", "cpu"),
+    p.add_argument("--device", default=config.from_env().device,
                    help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
     p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -183,7 +183,7 @@ def summary(args, trainer, model_name, **fields):
     if trainer.rank != 0:
         return None
     line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
-            "servers": int(os.environ.get("DISTTRAIN_NUM_SERVERS", 0)) if trainer.is_distributed else 0,
+            "servers": trainer.num_servers,
             "mode": args.mode if trainer.is_distributed else "local"}
     line.update(fields)
     text = json.dumps(line)

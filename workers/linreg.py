@@ -1,9 +1,6 @@
 """Linear regression by SGD on synthetic data, checked against the closed-form least-squares fit."""
-import os
 import sys
 import time
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
 
 import numpy as np
 

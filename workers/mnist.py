@@ -3,8 +3,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # harness.py, when run as a script
-
 import numpy as np
 
 import disttrain as dt

@@ -21,13 +21,12 @@ class LeakyReLU(Module):
 
 
 class GELU(Module):
-    """GELU in its tanh form: the only one the engine has (numpy has no vectorised erf)."""
+    """x * Phi(x): exact (``approximate="none"``, the default) or its tanh form, as PyTorch's."""
 
-    def __init__(self, approximate="tanh"):
+    def __init__(self, approximate="none"):
         super().__init__()
-        if approximate != "tanh":
-            raise ValueError(f"GELU: approximate={approximate!r} is not supported; only 'tanh' is "
-                             f"(numpy has no vectorised erf for the exact form)")
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"GELU: approximate must be 'none' or 'tanh', got {approximate!r}")
         self.approximate = approximate
 
     def forward(self, x):

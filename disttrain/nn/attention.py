@@ -163,7 +163,7 @@ class TransformerEncoderLayer(Module):
     LayerNorm - after the residual (post-norm, "Attention is all you need"), or before it with
     ``norm_first=True`` (pre-norm, which trains deep stacks more stably).
 
-    ``activation`` is "relu", "gelu" (its tanh form) or a callable.
+    ``activation`` is "relu", "gelu" (exact, as PyTorch's) or a callable.
     """
 
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",

@@ -9,7 +9,7 @@ import numpy as np
 
 from disttrain import backend
 from disttrain.nn.parameter import Parameter
-from disttrain.tensor import RowSparseGrad, Tensor
+from disttrain.tensor import RowSparseGrad, Tensor, _HookHandle
 
 
 class Module:
@@ -27,7 +27,16 @@ class Module:
         raise NotImplementedError(f"{type(self).__name__} does not define forward()")
 
     def __call__(self, *args, **kwargs):
+        for hook in self.__dict__.get("_forward_pre_hooks", ()):
+            hook(self, args)
         return self.forward(*args, **kwargs)
+
+    def register_forward_pre_hook(self, hook):
+        """Call ``hook(module, args)`` before every ``forward()`` (its return value is ignored);
+        the returned handle's ``remove()`` takes it off again."""
+        hooks = self.__dict__.setdefault("_forward_pre_hooks", [])
+        hooks.append(hook)
+        return _HookHandle(hooks, hook)
 
     # --- registration ---------------------------------------------------------------------
     def __setattr__(self, name, value):
@@ -110,7 +119,7 @@ class Module:
         yield prefix, self
         for name, module in self._modules.items():
             if module is not None:
-                yield from module.named_modules(f"{prefix}.{name}" if prefix else name, memo)
+                yield from module.named_modules(dotted(prefix, name), memo)
 
     def modules(self):
         for _, module in self.named_modules():
@@ -136,7 +145,7 @@ class Module:
                 if value is None or id(value) in seen:
                     continue
                 seen.add(id(value))
-                yield (f"{module_prefix}.{name}" if module_prefix else name), value
+                yield dotted(module_prefix, name), value
 
     def named_parameters(self, prefix="", recurse=True):
         """(dotted name, Parameter) pairs: "features.0.weight" - the parameter-server keys."""
@@ -165,11 +174,10 @@ class Module:
         """name -> tensor for every parameter and buffer: module by module, parameters first."""
         tensors = OrderedDict()
         for prefix, module in self.named_modules():
-            dot = prefix + "." if prefix else ""
             for registry in (module._parameters, module._buffers):
                 for name, value in registry.items():
                     if value is not None:
-                        tensors[dot + name] = value
+                        tensors[dotted(prefix, name)] = value
         return tensors
 
     def state_dict(self):
@@ -238,18 +246,23 @@ class Module:
             parameter.requires_grad = requires_grad
         return self
 
+    def _apply(self, convert):
+        """Replace the array of every parameter and buffer by ``convert(array)`` (in place) and
+        drop their gradients; returns self. astype() and to() are this one traversal."""
+        for module in self.modules():
+            for registry in (module._parameters, module._buffers):
+                for value in registry.values():
+                    if value is not None:
+                        value.data = convert(value.data)
+                        value.grad = None
+        return self
+
     def astype(self, dtype):
         """Convert every floating parameter and buffer to ``dtype`` (in place); returns self.
 
         Gradients are dropped. Used e.g. to run gradient checks in float64.
         """
-        for module in self.modules():
-            for registry in (module._parameters, module._buffers):
-                for value in registry.values():
-                    if value is not None and value.dtype.kind == "f":
-                        value.data = value.data.astype(dtype)
-                        value.grad = None
-        return self
+        return self._apply(lambda data: data.astype(dtype) if data.dtype.kind == "f" else data)
 
     def double(self):
         return self.astype(np.float64)
@@ -259,13 +272,7 @@ class Module:
 
     def to(self, device):
         """Move every parameter and buffer to 'cpu' or 'cuda:N' (in place); returns self."""
-        for module in self.modules():
-            for registry in (module._parameters, module._buffers):
-                for value in registry.values():
-                    if value is not None:
-                        value.data = backend.to_device(value.data, device)
-                        value.grad = None
-        return self
+        return self._apply(lambda data: backend.to_device(data, device))
 
     # --- printing -------------------------------------------------------------------------
     def extra_repr(self):
@@ -284,6 +291,12 @@ class Module:
 
     def __dir__(self):
         return sorted(set(super().__dir__()) | set(self._parameters) | set(self._buffers) | set(self._modules))
+
+
+def dotted(prefix, name):
+    """The dotted name of ``name`` inside ``prefix`` ("features.0" + "weight"); a top-level
+    name has no prefix. These names are the state-dict and parameter-server keys."""
+    return f"{prefix}.{name}" if prefix else name
 
 
 def _as_buffer(name, value):

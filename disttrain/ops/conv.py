@@ -7,6 +7,9 @@ from disttrain.ops.operands import as_tensor, same_kind, xp_of
 from disttrain.tensor import Tensor
 
 
+# --- window helpers: im2col views and their adjoint --------------------------------------
+
+
 def _pair(value, name):
     pair = (value, value) if isinstance(value, (int, np.integer)) else tuple(value)
     if len(pair) != 2 or not all(isinstance(v, (int, np.integer)) for v in pair):
@@ -49,8 +52,8 @@ def _col2im(grad_windows, padded_shape, stride, dilation):
     (A, B, H, W): the caller picks which of N and C is A, so both sides of every add walk
     memory in the same order. One strided add per kernel offset (kh * kw of them, each over
     the whole batch): windows overlap when stride < kernel, so one assignment through the
-    window view would drop the overlaps. Measured ~4-6x faster for LeNet's second conv than
-    the alternative with one matmul (a transposed convolution: im2col of the padded gradient).
+    window view would drop the overlaps. Faster for LeNet's convs than the alternative with one
+    matmul (a transposed convolution: im2col of the padded gradient); see docs/performance.md.
     """
     xp = backend.array_module(grad_windows)
     kernel_h, kernel_w, _, _, out_h, out_w = grad_windows.shape
@@ -79,6 +82,9 @@ def _unpad_hw(grad, padding, hw):
 def _check_nchw(name, x):
     if x.ndim != 4:
         raise ValueError(f"{name}: expected an NCHW input of 4 dimensions, got shape {x.shape}")
+
+
+# --- convolution -------------------------------------------------------------------------
 
 
 def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -111,8 +117,8 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     padded = _pad_hw(xp, x.data, padding)
     windows = _windows(padded, kernel, stride, dilation, (out_h, out_w))
     # im2col laid out (groups, C/groups * kh * kw, N * OH * OW): the copy reads long runs along
-    # OW, and the product lands as (O, N, OH, OW), one transpose-view away from NCHW. Measured
-    # faster on LeNet-sized layers than the (N * OH * OW, C * kh * kw) layout.
+    # OW, and the product lands as (O, N, OH, OW), one transpose-view away from NCHW: faster on
+    # LeNet-sized layers than the (N * OH * OW, C * kh * kw) layout (docs/performance.md).
     cols = (windows.reshape(n, groups, group_channels, out_h, out_w, kernel_h, kernel_w)
             .transpose(1, 2, 5, 6, 0, 3, 4)
             .reshape(groups, group_channels * kernel_h * kernel_w, n * out_h * out_w))
@@ -126,7 +132,7 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         grad_weight = grad_bias = grad_x = None
         if weight.requires_grad:
             # cols @ g.T, transposed after: OpenBLAS runs this shape (long inner dimension,
-            # output (C*kh*kw, O)) measured 1.5-2.5x faster than g @ cols.T on LeNet's layers.
+            # output (C*kh*kw, O)) faster than g @ cols.T on LeNet's layers (docs/performance.md).
             grad_weight = xp.matmul(cols, g_rows.transpose(0, 2, 1)).transpose(0, 2, 1).reshape(weight.shape)
         if bias is not None and bias.requires_grad:
             grad_bias = g_rows.sum(axis=2).reshape(out_channels)
@@ -141,6 +147,9 @@ def conv2d(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         return (grad_x, grad_weight) + ((grad_bias,) if bias is not None else ())
     parents = (x, weight) + ((bias,) if bias is not None else ())
     return Tensor.from_op(out.transpose(1, 0, 2, 3), parents, backward)
+
+
+# --- pooling -----------------------------------------------------------------------------
 
 
 def _pool_setup(name, x, kernel_size, stride, padding):
@@ -165,8 +174,8 @@ def _memory_order_view(data):
 
 def _offsets_first(windows):
     """Copy the (A, B, OH, OW, kh, kw) windows as (kh * kw, A, B, OH, OW): reducing over the
-    leading axis runs as whole-array element-wise passes (measured ~10x faster than reducing
-    over the two small trailing axes of the view)."""
+    leading axis runs as whole-array element-wise passes, much faster than reducing over the two
+    small trailing axes of the view (docs/performance.md)."""
     a, b, out_h, out_w, kernel_h, kernel_w = windows.shape
     return windows.transpose(4, 5, 0, 1, 2, 3).reshape(kernel_h * kernel_w, a, b, out_h, out_w)
 
@@ -189,7 +198,7 @@ def max_pool2d(x, kernel_size, stride=None, padding=0):
         grad_windows = xp.empty_like(values)
         taken = xp.zeros(out.shape, bool)
         # One pass per kernel offset: an offset gets the gradient where it holds the maximum and
-        # no earlier offset did (measured 5x faster than a cumulative sum over the hits).
+        # no earlier offset did: faster than a cumulative sum over the hits (docs/performance.md).
         for offset in range(len(values)):
             first_hit = (values[offset] == out) & ~taken
             taken |= first_hit

@@ -1,6 +1,7 @@
 """Element-wise arithmetic and activations, each forward followed by its gradient rule."""
 import numpy as np
 
+from disttrain.ops import special
 from disttrain.ops.broadcast import unbroadcast
 from disttrain.ops.operands import as_tensor, binary, xp_of
 from disttrain.tensor import Tensor
@@ -84,22 +85,25 @@ def abs(x):
     return Tensor.from_op(xp.abs(x.data), (x,), lambda g: (g * xp.sign(x.data),))
 
 
-def maximum(a, b):
-    a, b = binary("maximum", a, b)
-    a_wins = a.data >= b.data  # ties send the gradient to the first argument, like numpy's choice
+# --- selection ---------------------------------------------------------------------------
 
+
+def _pick(a, b, a_wins):
+    """a where ``a_wins`` else b; the gradient goes to whichever was picked."""
     def backward(g):
         return unbroadcast(g * a_wins, a.shape), unbroadcast(g * ~a_wins, b.shape)
     return Tensor.from_op(xp_of(a).where(a_wins, a.data, b.data), (a, b), backward)
+
+
+def maximum(a, b):
+    a, b = binary("maximum", a, b)
+    return _pick(a, b, a.data >= b.data)  # ties send the gradient to the first argument, as numpy picks
 
 
 def minimum(a, b):
+    # Fused: where(a <= b, a, b) runs np.where's slow select twice (docs/performance.md).
     a, b = binary("minimum", a, b)
-    a_wins = a.data <= b.data
-
-    def backward(g):
-        return unbroadcast(g * a_wins, a.shape), unbroadcast(g * ~a_wins, b.shape)
-    return Tensor.from_op(xp_of(a).where(a_wins, a.data, b.data), (a, b), backward)
+    return _pick(a, b, a.data <= b.data)
 
 
 def where(condition, a, b):
@@ -117,6 +121,7 @@ def where(condition, a, b):
 
 
 def clip(x, a_min=None, a_max=None):
+    # Fused: maximum then minimum is two nodes and two slow np.where selects (docs/performance.md).
     xp = xp_of(x)
     inside = xp.ones(x.shape, bool)
     if a_min is not None:
@@ -124,6 +129,9 @@ def clip(x, a_min=None, a_max=None):
     if a_max is not None:
         inside &= x.data <= a_max
     return Tensor.from_op(xp.clip(x.data, a_min, a_max), (x,), lambda g: (g * inside,))
+
+
+# --- casts and comparisons (comparisons are not differentiated) --------------------------
 
 
 def astype(x, dtype):
@@ -159,19 +167,37 @@ def relu(x):
 
 
 def leaky_relu(x, negative_slope=0.01):
+    # Fused: where(x > 0, x, x * slope) is three nodes and two slow np.where selects (docs/performance.md).
     xp = xp_of(x)
     slope = xp.where(x.data > 0, 1, negative_slope).astype(x.dtype)
     return Tensor.from_op(x.data * slope, (x,), lambda g: (g * slope,))
 
 
 _SQRT_2_OVER_PI = np.sqrt(2 / np.pi)
+_SQRT_HALF = np.sqrt(0.5)
+_ONE_OVER_SQRT_2PI = 1 / np.sqrt(2 * np.pi)
 
 
-def gelu(x, approximate="tanh"):
-    """GELU in its tanh form (as GPT-2/BERT code uses): numpy has no vectorised erf."""
-    if approximate != "tanh":
-        raise ValueError(f"gelu: approximate={approximate!r} is not supported; use 'tanh' "
-                         f"(numpy has no vectorised erf for the exact form)")
+def gelu(x, approximate="none"):
+    """x * Phi(x), Phi the standard normal CDF, as PyTorch's gelu: exact by default (Phi from
+    Cody's erfc, see ops/special.py), or its tanh approximation with ``approximate="tanh"``."""
+    if approximate == "tanh":
+        return _gelu_tanh(x)
+    if approximate != "none":
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    xp = xp_of(x)
+    # Phi(x) = erfc(-x / sqrt 2) / 2: no cancellation in 1 + erf(x) for x << 0.
+    cdf = 0.5 * special.erfc(x.data * -x.dtype.type(_SQRT_HALF))
+    out = x.data * cdf
+
+    def backward(g):
+        density = xp.exp(-0.5 * x.data * x.data) * x.dtype.type(_ONE_OVER_SQRT_2PI)
+        return (g * (cdf + x.data * density),)
+    return Tensor.from_op(out, (x,), backward)
+
+
+def _gelu_tanh(x):
+    """GELU's tanh approximation (as GPT-2 and BERT code use it)."""
     xp = xp_of(x)
     c = x.dtype.type(_SQRT_2_OVER_PI)
     inner = c * (x.data + 0.044715 * x.data ** 3)
@@ -185,11 +211,14 @@ def gelu(x, approximate="tanh"):
 
 
 def softplus(x):
+    # Fused: composed is slower, less exact (no log1p op) and has slope 0, not 1/2, at 0 (docs/performance.md).
     xp = xp_of(x)
+    e = xp.exp(-xp.abs(x.data))
     # log(1 + e^x) = max(x, 0) + log1p(e^-|x|): never overflows.
-    out = xp.maximum(x.data, 0) + xp.log1p(xp.exp(-xp.abs(x.data)))
+    out = xp.maximum(x.data, 0) + xp.log1p(e)
 
     def backward(g):
-        e = xp.exp(-xp.abs(x.data))
-        return (g * xp.where(x.data >= 0, 1 / (1 + e), e / (1 + e)),)
+        # sigmoid(x) = (1 if x >= 0 else e^-|x|) / (1 + e^-|x|); maximum(e, x >= 0) picks the
+        # numerator exactly (0 < e <= 1) without np.where's slow data-dependent select.
+        return (g * (xp.maximum(e, x.data >= 0) / (1 + e)),)
     return Tensor.from_op(out, (x,), backward)

@@ -1,7 +1,10 @@
-"""Matrix product with numpy's matmul semantics (1-D operands, batched broadcasting)."""
+"""Matrix products: matmul with numpy's semantics (1-D operands, batched broadcasting), and the
+fully connected layer's x @ weight.T + bias as one op."""
 from disttrain.ops.broadcast import unbroadcast
-from disttrain.ops.operands import binary, xp_of
+from disttrain.ops.operands import as_tensor, binary, same_kind, xp_of
 from disttrain.tensor import Tensor
+
+# --- matmul ---------------------------------------------------------------------------------
 
 
 def matmul(a, b):
@@ -35,3 +38,36 @@ def matmul(a, b):
             grad_b = grad_b.reshape(b.shape)
         return grad_a, grad_b
     return Tensor.from_op(out, (a, b), backward)
+
+
+# --- linear (fully connected) ----------------------------------------------------------------
+
+
+def linear(x, weight, bias=None):
+    """x @ weight.T + bias, with weight (out_features, in_features) as in PyTorch.
+
+    One op with its own gradient rather than transpose, matmul and add: the bias is added in
+    place and the weight gradient comes out as g.T @ x, already (out, in).
+    """
+    x, weight = as_tensor(x), as_tensor(weight)
+    bias = None if bias is None else as_tensor(bias)
+    same_kind("linear", [x, weight] + ([bias] if bias is not None else []))
+    if weight.ndim != 2 or x.ndim < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input of shape {x.shape} and weight of shape {weight.shape} do not "
+                         f"match (need input.shape[-1] == weight.shape[1])")
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"linear: bias of shape {bias.shape} for weight of shape {weight.shape}")
+    rows = x.data.reshape(-1, weight.shape[1])
+    out = rows @ weight.data.T
+    if bias is not None:
+        out += bias.data
+
+    def backward(g):
+        g_rows = g.reshape(-1, weight.shape[0])
+        grad_x = (g_rows @ weight.data).reshape(x.shape) if x.requires_grad else None
+        grad_weight = g_rows.T @ rows if weight.requires_grad else None
+        if bias is None:
+            return grad_x, grad_weight
+        return grad_x, grad_weight, (g_rows.sum(axis=0) if bias.requires_grad else None)
+    parents = (x, weight) + ((bias,) if bias is not None else ())
+    return Tensor.from_op(out.reshape(x.shape[:-1] + weight.shape[:1]), parents, backward)

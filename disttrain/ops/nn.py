@@ -86,8 +86,9 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, reduct
 
     logits (N, C) or (N, C, d1, ...); labels (N,) or (N, d1, ...). Labels equal to
     ``ignore_index`` add no loss and no gradient, and "mean" averages over the others.
-    The gradient is (softmax - smoothed one-hot) * scale: log-probabilities are computed once
-    in the forward pass and the softmax is recovered from them by one exp.
+    The forward is log_softmax's; the gradient is fused, (softmax - smoothed one-hot) * scale,
+    with the softmax recovered from the log-probabilities by one exp (log_softmax's own rule
+    followed by the pick's would cost two more (N, C) passes and round differently).
     """
     _check_reduction("cross_entropy", reduction)
     logits = as_tensor(logits)
@@ -111,8 +112,7 @@ def cross_entropy(logits, labels, ignore_index=-100, label_smoothing=0.0, reduct
     targets = xp.where(valid, flat_labels, 0)
     rows = xp.arange(scores.shape[0])
 
-    shifted = scores - scores.max(axis=1, keepdims=True)
-    log_probs = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
+    log_probs = reduce.log_softmax_array(scores, axis=1)
     losses = -log_probs[rows, targets]
     if label_smoothing:
         losses = (1 - label_smoothing) * losses - label_smoothing * log_probs.mean(axis=1)
@@ -209,6 +209,26 @@ def _affine(name, x, weight, bias, shape):
     same_kind(name, tensors)
 
 
+def _scale_and_shift(x, normalized, weight, bias, per_feature, axes, backward_normalized):
+    """The graph node of a normalisation: ``normalized * weight + bias``, weight and bias (or
+    None) reshaped to ``per_feature`` and shared across ``axes``. ``backward_normalized`` maps
+    the gradient w.r.t. ``normalized`` to x's."""
+    out = normalized * weight.data.reshape(per_feature) if weight is not None else normalized
+    if bias is not None:
+        out = out + bias.data.reshape(per_feature)
+
+    def backward(g):
+        grads = (None,)
+        if x.requires_grad:
+            grads = (backward_normalized(g * weight.data.reshape(per_feature) if weight is not None else g),)
+        if weight is not None:
+            grads += ((g * normalized).sum(axis=axes) if weight.requires_grad else None,)
+        if bias is not None:
+            grads += (g.sum(axis=axes) if bias.requires_grad else None,)
+        return grads
+    return Tensor.from_op(out, (x,) + tuple(p for p in (weight, bias) if p is not None), backward)
+
+
 def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     """Normalise over the trailing ``normalized_shape`` axes, then scale and shift per feature."""
     x = as_tensor(x)
@@ -219,24 +239,11 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
     weight = None if weight is None else as_tensor(weight)
     bias = None if bias is None else as_tensor(bias)
     _affine("layer_norm", x, weight, bias, normalized_shape)
-    axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
+    leading = x.ndim - len(normalized_shape)
+    axes = tuple(range(leading, x.ndim))
     normalized, _, _, inv_std = _standardize(x.data, axes, eps)
-    out = normalized * weight.data if weight is not None else normalized
-    if bias is not None:
-        out = out + bias.data
-
-    def backward(g):
-        grad_x = grad_weight = grad_bias = None
-        if x.requires_grad:
-            grad_normalized = g * weight.data if weight is not None else g
-            grad_x = _standardize_backward(grad_normalized, normalized, inv_std, axes)
-        if weight is not None and weight.requires_grad:
-            grad_weight = unbroadcast(g * normalized, weight.shape)
-        if bias is not None and bias.requires_grad:
-            grad_bias = unbroadcast(g, bias.shape)
-        return (grad_x,) + ((grad_weight,) if weight is not None else ()) + ((grad_bias,) if bias is not None else ())
-    parents = (x,) + tuple(p for p in (weight, bias) if p is not None)
-    return Tensor.from_op(out, parents, backward)
+    return _scale_and_shift(x, normalized, weight, bias, normalized_shape, tuple(range(leading)),
+                            lambda grad: _standardize_backward(grad, normalized, inv_std, axes))
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
@@ -275,25 +282,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if training and running_var is not None:
             running_var *= 1 - momentum
             running_var += momentum * var.reshape(channels) * (count / (count - 1))
+
+        def backward_normalized(grad):
+            return _standardize_backward(grad, normalized, inv_std, axes)
     else:
         inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype, copy=False).reshape(per_channel)
         normalized = (x.data - running_mean.reshape(per_channel)) * inv_std
-    out = normalized * weight.data.reshape(per_channel) if weight is not None else normalized
-    if bias is not None:
-        out = out + bias.data.reshape(per_channel)
 
-    def backward(g):
-        grad_x = grad_weight = grad_bias = None
-        if x.requires_grad:
-            grad_normalized = g * weight.data.reshape(per_channel) if weight is not None else g
-            if use_batch_stats:
-                grad_x = _standardize_backward(grad_normalized, normalized, inv_std, axes)
-            else:  # the running statistics are constants
-                grad_x = grad_normalized * inv_std
-        if weight is not None and weight.requires_grad:
-            grad_weight = (g * normalized).sum(axis=axes)
-        if bias is not None and bias.requires_grad:
-            grad_bias = g.sum(axis=axes)
-        return (grad_x,) + ((grad_weight,) if weight is not None else ()) + ((grad_bias,) if bias is not None else ())
-    parents = (x,) + tuple(p for p in (weight, bias) if p is not None)
-    return Tensor.from_op(out, parents, backward)
+        def backward_normalized(grad):  # the running statistics are constants
+            return grad * inv_std
+    return _scale_and_shift(x, normalized, weight, bias, per_channel, axes, backward_normalized)

@@ -1,6 +1,10 @@
 """Reductions over axes (numpy's axis/keepdims) and the softmax family built on them."""
+from disttrain import backend
 from disttrain.ops.operands import normalize_axis, xp_of
 from disttrain.tensor import Tensor
+
+
+# --- reductions --------------------------------------------------------------------------
 
 
 def _expand(g, shape, axes, keepdims):
@@ -64,6 +68,9 @@ def var(x, axis=None, keepdims=False, ddof=0):
     return Tensor.from_op(out, (x,), backward)
 
 
+# --- the softmax family ------------------------------------------------------------------
+
+
 def logsumexp(x, axis=None, keepdims=False):
     axes = normalize_axis(axis, x.ndim)
     xp = xp_of(x)
@@ -86,10 +93,17 @@ def softmax(x, axis=-1):
     return Tensor.from_op(out, (x,), backward)
 
 
+def log_softmax_array(data, axis=-1):
+    """log(softmax(data)) of an array: shifted by the max, so exp never overflows. The one
+    formula that log_softmax and cross_entropy's forward share."""
+    xp = backend.array_module(data)
+    shifted = data - data.max(axis=axis, keepdims=True)
+    return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+
+
 def log_softmax(x, axis=-1):
     xp = xp_of(x)
-    shifted = x.data - x.data.max(axis=axis, keepdims=True)
-    out = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    out = log_softmax_array(x.data, axis)
 
     def backward(g):
         return (g - xp.exp(out) * g.sum(axis=axis, keepdims=True),)

@@ -6,6 +6,9 @@ from disttrain.ops.operands import as_tensor, normalize_axis, same_kind, xp_of
 from disttrain.tensor import Tensor
 
 
+# --- views: reshape, transpose, broadcast, squeeze ---------------------------------------
+
+
 def reshape(x, shape):
     source = x.shape
     return Tensor.from_op(x.data.reshape(shape), (x,), lambda g: (g.reshape(source),))
@@ -36,6 +39,9 @@ def expand_dims(x, axis):
     return Tensor.from_op(xp.expand_dims(x.data, axis), (x,), lambda g: (g.reshape(source),))
 
 
+# --- indexing ----------------------------------------------------------------------------
+
+
 def _plain_index(index):
     """The index with Tensors replaced by their arrays (integer or boolean)."""
     if isinstance(index, tuple):
@@ -58,12 +64,15 @@ def getitem(x, index):
 
     def backward(g):
         grad = xp.zeros(x.shape, g.dtype)
-        if basic:  # plain assignment: ~20x faster than add.at, and nothing repeats
+        if basic:  # plain assignment: far faster than add.at, and nothing repeats (docs/performance.md)
             grad[index] = g
         else:  # add.at, not grad[index] += g: repeated indices must add up, not overwrite.
             xp.add.at(grad, index, g)
         return (grad,)
     return Tensor.from_op(x.data[index], (x,), backward)
+
+
+# --- joining, splitting and padding ------------------------------------------------------
 
 
 def concat(tensors, axis=0):

@@ -1,5 +1,7 @@
 """Optimizer classes: thin wrappers holding param_groups and per-parameter state around a rule of
 ``rules.py`` (the arithmetic lives there so that parameter servers run the very same code)."""
+import inspect
+
 import numpy as np
 
 from disttrain import backend
@@ -14,12 +16,15 @@ class Optimizer:
     rule keeps; indices are also the keys of ``state_dict()``.
     """
 
-    name = None          # key of the rule in rules.RULES
-    hyper_names = ()     # the rule's keyword arguments, besides lr
+    name = None  # key of the rule in rules.RULES
 
     def __init__(self, params, defaults):
+        """``defaults``: the hyper-parameters, lr first; the subclasses pass their own
+        ``__init__``'s arguments (see ``hyper_parameters``), so each is named once, in the signature."""
         self._check_hyper(defaults)
-        self.defaults = dict(defaults)
+        flags = {name for name, parameter in inspect.signature(type(self).__init__).parameters.items()
+                 if isinstance(parameter.default, bool)}
+        self.defaults = {key: bool(value) if key in flags else value for key, value in defaults.items()}
         self.param_groups = []
         self.state = {}
         params = list(params)
@@ -61,12 +66,17 @@ class Optimizer:
     def _parameters(self):
         return [p for group in self.param_groups for p in group["params"]]
 
+    @property
+    def hyper_names(self):
+        """The rule's keyword arguments besides lr."""
+        return tuple(key for key in self.defaults if key != "lr")
+
     def hyper(self, group):
         """The rule's keyword arguments for one group (lr included), as plain msgpack-able values."""
         values = {"lr": float(group["lr"])}
         for key in self.hyper_names:
             value = group[key]
-            if key == "betas":
+            if isinstance(value, (tuple, list)):  # betas
                 values[key] = [float(v) for v in value]
             else:
                 values[key] = value if isinstance(value, bool) else float(value)
@@ -135,8 +145,15 @@ class Optimizer:
                                  f"but there are only {len(params)}")
             state[index] = {k: _restore(v, params[index], k, name) for k, v in saved_state.items()}
         for saved, group in zip(groups, self.param_groups):
-            group.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
+            group.update({k: (tuple(v) if isinstance(v, list) else v) for k, v in saved.items() if k != "params"})
         self.state = state
+
+
+def hyper_parameters(arguments):
+    """An optimizer's defaults from the ``locals()`` of its ``__init__``: every argument but
+    ``params``, sequences (betas) as tuples, as torch keeps them."""
+    return {key: tuple(value) if isinstance(value, (list, tuple)) else value
+            for key, value in arguments.items() if key not in ("self", "params", "__class__")}
 
 
 def _restore(value, param, key, optimizer_name):
@@ -158,24 +175,21 @@ class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum, as torch.optim.SGD."""
 
     name = "sgd"
-    hyper_names = ("momentum", "dampening", "nesterov", "weight_decay")
 
     def __init__(self, params, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError(f"SGD: nesterov needs momentum > 0 and dampening = 0, "
                              f"got momentum={momentum}, dampening={dampening}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "dampening": dampening,
-                                  "nesterov": bool(nesterov), "weight_decay": weight_decay})
+        super().__init__(params, hyper_parameters(locals()))
 
 
 class Adam(Optimizer):
     """Adam (Kingma & Ba) with bias correction; weight_decay is an L2 term, as torch.optim.Adam."""
 
     name = "adam"
-    hyper_names = ("betas", "eps", "weight_decay")
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+        super().__init__(params, hyper_parameters(locals()))
 
 
 class AdamW(Adam):
@@ -191,21 +205,17 @@ class RMSprop(Optimizer):
     """RMSprop (Tieleman & Hinton), optionally centered and with momentum, as torch.optim.RMSprop."""
 
     name = "rmsprop"
-    hyper_names = ("alpha", "eps", "weight_decay", "momentum", "centered")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0,
                  centered=False):
-        super().__init__(params, {"lr": lr, "alpha": alpha, "eps": eps, "weight_decay": weight_decay,
-                                  "momentum": momentum, "centered": bool(centered)})
+        super().__init__(params, hyper_parameters(locals()))
 
 
 class Adagrad(Optimizer):
     """Adagrad (Duchi et al.) with optional learning-rate decay, as torch.optim.Adagrad."""
 
     name = "adagrad"
-    hyper_names = ("lr_decay", "weight_decay", "initial_accumulator_value", "eps")
 
     def __init__(self, params, lr=1e-2, lr_decay=0.0, weight_decay=0.0, initial_accumulator_value=0.0,
                  eps=1e-10):
-        super().__init__(params, {"lr": lr, "lr_decay": lr_decay, "weight_decay": weight_decay,
-                                  "initial_accumulator_value": initial_accumulator_value, "eps": eps})
+        super().__init__(params, hyper_parameters(locals()))

@@ -1,45 +1,67 @@
-"""`python -m disttrain.ps`: run the scheduler or a server, as DISTTRAIN_ROLE says."""
+"""`python -m disttrain.ps`: set up this process (settings, signals, priority, allocator)
+and run the scheduler or a server, as DISTTRAIN_ROLE says."""
 import os
+import signal
 import sys
 
-from disttrain import backend
+from disttrain import backend, config
 from disttrain.ps import scheduler, server, transport
+from disttrain.ps.membership import Membership
 
 
-def _env_int(name):
-    value = os.environ.get(name, "")
-    if not value.isdigit():
-        raise SystemExit(f"disttrain: {name}={value!r} must be a non-negative integer")
-    return int(value)
+def use_realtime_priority(rank=None):
+    """Run this process at real-time priority (SCHED_FIFO 1) where the OS permits (root or
+    CAP_SYS_NICE); True if it does. Call it before any thread or zmq context exists: zmq's
+    I/O threads inherit it.
+
+    Why: with every worker pinned to its own core (launch --bind), a server thread woken by
+    a push can be queued behind a computing worker until the next scheduler tick (figure in
+    docs/performance.md). A real-time server preempts the worker at once and runs for the
+    fraction of a millisecond its answer takes; it blocks on its socket the rest of the time."""
+    who = "server" if rank is None else f"server {rank}"
+    try:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
+        return True
+    except (AttributeError, OSError) as error:   # no such call here, or not permitted
+        print(f"disttrain: {who} keeps normal priority (SCHED_FIFO refused: {error}); "
+              f"pinned workers may then wait for it up to a scheduler tick", file=sys.stderr,
+              flush=True)
+        return False
+
+
+def install_sigterm_exit():
+    """The launcher stops servers and the scheduler with SIGTERM once workers are done."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
 
 
 def main():
-    role = os.environ.get("DISTTRAIN_ROLE", "")
-    address = os.environ.get("DISTTRAIN_SCHEDULER", "")
     try:
-        transport.split_host_port(address)
-    except ValueError:
-        raise SystemExit(f"disttrain: DISTTRAIN_SCHEDULER={address!r} must be host:port "
-                         f"(the scheduler binds it, everyone else connects to it)") from None
-    server.install_sigterm_exit()
-    if role == "scheduler":
+        settings = config.from_env()
+        address = settings.required("scheduler")
+        if settings.role == "scheduler":
+            num_workers, num_servers = (settings.required("num_workers"),
+                                        settings.required("num_servers"))
+    except config.ConfigError as error:
+        raise SystemExit(f"disttrain: {error}") from None
+    install_sigterm_exit()
+    if settings.role == "scheduler":
         try:
-            return scheduler.Scheduler(
-                os.environ["DISTTRAIN_SCHEDULER"], _env_int("DISTTRAIN_NUM_WORKERS"),
-                _env_int("DISTTRAIN_NUM_SERVERS"),
-                heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
-                timeout=transport.default_timeout()).run()
+            return scheduler.Scheduler(address, num_workers, num_servers,
+                                       heartbeat_timeout=settings.heartbeat_timeout,
+                                       timeout=settings.timeout).run()
         finally:
             transport.context().term()  # waits for the lingering dead / shutdown notices
-    if role == "server":
-        if os.environ.get("DISTTRAIN_REALTIME") == "1":   # launch --bind sets it
-            server.use_realtime_priority(os.environ.get("DISTTRAIN_RANK"))
+    if settings.role == "server":
+        if settings.realtime:   # launch --bind sets it
+            use_realtime_priority(settings.rank)
         # Every received frame is a fresh 1 MB buffer: from reused heap pages rather than
-        # new zeroed ones it costs no page faults (measured: 16 MB push+pull 1.3x faster).
+        # new zeroed ones it costs no page faults (figure in docs/performance.md).
         backend.keep_freed_memory()
-        return server.serve(scheduler.Membership.from_env("server"))
-    raise SystemExit(f"disttrain: DISTTRAIN_ROLE={role!r}: `python -m disttrain.ps` runs "
-                     f"'scheduler' or 'server' (workers are your training program)")
+        return server.serve(Membership.from_config("server", settings), host=settings.host,
+                            rank=settings.rank)
+    raise SystemExit(f"disttrain: DISTTRAIN_ROLE={settings.role or ''!r}: `python -m "
+                     f"disttrain.ps` runs 'scheduler' or 'server' (workers are your training "
+                     f"program)")
 
 
 if __name__ == "__main__":

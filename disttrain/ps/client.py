@@ -1,14 +1,26 @@
 """The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
 push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
+from dataclasses import dataclass
 
 import numpy as np
 import zmq
 
-from disttrain import backend
+from disttrain import config
 from disttrain.ps import protocol, transport
-from disttrain.ps.protocol import Message, Payload
-from disttrain.ps.server import MAX_CHUNK_BYTES, chunk_layout
+from disttrain.ps.group import pack_payloads
+from disttrain.ps.layout import MAX_CHUNK_BYTES, Chunk, chunk_layout
+from disttrain.ps.protocol import Message
+
+
+@dataclass(slots=True)
+class Entry:
+    """What a request carries for one chunk of one key. (A slots class rather than a
+    NamedTuple: one is made for every chunk of every push, and it costs fewer instructions.)"""
+    name: str
+    chunk: Chunk
+    pieces: list       # (kind, start, array) each: "dense" slices, or "rows" / "values" pairs
+    nbytes: int        # the chunk's size on the wire, to pack messages of ~MAX_CHUNK_BYTES
 
 
 class PSError(RuntimeError):
@@ -56,18 +68,17 @@ class KVStore:
     """Keys are declared (shape, dtype, sparse) on every worker; rank 0 calls `init`.
 
     Gradients are sent zero-copy: an array handed to `push` must not change until its
-    handle is done (the acknowledgement means the server has it).
+    handle is done (the acknowledgement means the server has it). `timeout` (s) bounds
+    every wait; default DISTTRAIN_TIMEOUT's.
 
-    Creating one calls `backend.keep_freed_memory()` for the process, as the worker programs
-    do: every received frame is a fresh 1 MB buffer, and from reused heap pages instead of
-    new zeroed ones it costs no page faults (measured: 16 MB push+pull 1.3x faster).
+    A process that moves big arrays through it should call `backend.keep_freed_memory()`
+    first, as the worker programs (workers/harness.py) and servers do.
     """
 
     def __init__(self, book, rank, membership=None, timeout=None,
                  max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES):
-        backend.keep_freed_memory()
         self.rank, self.membership = rank, membership
-        self.timeout = timeout if timeout is not None else transport.default_timeout()
+        self.timeout = timeout if timeout is not None else config.from_env().timeout
         identity = transport.new_identity(f"worker{rank}")
         self.connections = [transport.Connection(transport.pick_address(server), identity,
                                                  max_message_bytes)
@@ -90,7 +101,7 @@ class KVStore:
         chunks = chunk_layout(name, shape, dtype, len(self.connections))
         self.specs[name] = (shape, dtype, sparse, chunks)
         # Where each chunk's dense frames start and stop, worked out once: every push of
-        # the key cuts its array the same way (a per-push split cost ~4 us a key).
+        # the key cuts its array the same way (a per-push split cost time on every key).
         self.frames[name] = [
             (chunk, [(chunk.start + start, chunk.start + stop) for start, stop in
                      protocol.frame_bounds(chunk.stop - chunk.start, dtype.itemsize)],
@@ -103,23 +114,23 @@ class KVStore:
         return self.specs[name]
 
     # --- sending ----------------------------------------------------------------
-    # Requests are built as entries (key name, chunk, payloads, bytes), one per chunk,
+    # Requests are built as Entries, one per chunk,
     # grouped by server and packed into messages of about MAX_CHUNK_BYTES: small keys share
     # a message, a big key travels chunk by chunk so servers work while the rest arrives.
     def _send(self, op, what, entries, meta, on_reply=None):
         handle = Handle(self, what, [], on_reply)
         by_server = {}
         for entry in entries:
-            by_server.setdefault(entry[1].server, []).append(entry)
+            by_server.setdefault(entry.chunk.server, []).append(entry)
         for server, server_entries in sorted(by_server.items()):
             for group in _pack(server_entries):
                 request_id = next(self._ids)
                 handle.outstanding.add(request_id)
                 self.handles[request_id] = handle
-                payloads = _payloads(group)
-                message_meta = dict(meta, chunks=[chunk.index for _, chunk, _, _ in group])
+                payloads = pack_payloads(group)
+                message_meta = dict(meta, chunks=[entry.chunk.index for entry in group])
                 self.connections[server].send(Message(
-                    op, request_id, self.sender, [name for name, _, _, _ in group], payloads,
+                    op, request_id, self.sender, [entry.name for entry in group], payloads,
                     message_meta))
         return handle
 
@@ -129,14 +140,14 @@ class KVStore:
             raise ValueError(f"key {name!r}: array of shape {array.shape}, declared {shape}")
         flat = np.ascontiguousarray(array, dtype=dtype).reshape(-1)
         for chunk, frames, nbytes in self.frames[name]:
-            entries.append((name, chunk, [("dense", start, flat[start:stop])
-                                          for start, stop in frames], nbytes))
+            entries.append(Entry(name, chunk, [("dense", start, flat[start:stop])
+                                               for start, stop in frames], nbytes))
 
     def _empty_entries(self, name, entries):
         """A chunk named with no payload: a dense pull, or a push with no gradient."""
         self._spec(name)   # an undeclared name fails here, with the declared ones listed
         for chunk, _, nbytes in self.frames[name]:
-            entries.append((name, chunk, [], nbytes))
+            entries.append(Entry(name, chunk, [], nbytes))
 
     def _row_entries(self, name, rows, values, entries):
         """Split sorted global rows (and their values, if any) by the chunk owning them."""
@@ -152,7 +163,7 @@ class KVStore:
         for chunk, lo, hi in zip(chunks, bounds[:-1], bounds[1:]):
             if lo == hi:
                 if values is not None:   # a push still tells this chunk "nothing this clock"
-                    entries.append((name, chunk, [], 0))
+                    entries.append(Entry(name, chunk, [], 0))
                 continue
             pieces = []
             for s in range(lo, hi, rows_per_frame):
@@ -160,7 +171,7 @@ class KVStore:
                 pieces.append(("rows", s - lo, rows[s:e]))
                 if values is not None:
                     pieces.append(("values", s - lo, values[s:e]))
-            entries.append((name, chunk, pieces, (hi - lo) * row_bytes))
+            entries.append(Entry(name, chunk, pieces, (hi - lo) * row_bytes))
 
     def _grad_entries(self, grads):
         entries = []
@@ -200,7 +211,7 @@ class KVStore:
             self._dense_entries(name, np.asarray(array), entries)
         handles = []
         for entry in entries:   # one message per chunk: each carries its key's spec
-            shape, dtype, sparse, _ = self.specs[entry[0]]
+            shape, dtype, sparse, _ = self.specs[entry.name]
             meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
                     "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse}]}
             handles.append(self._send("init", "init", [entry], meta))
@@ -290,40 +301,13 @@ def _pack(entries):
     """Group a server's entries into messages of about MAX_CHUNK_BYTES each, in order."""
     group, size = [], 0
     for entry in entries:
-        if group and size + entry[3] > MAX_CHUNK_BYTES:
+        if group and size + entry.nbytes > MAX_CHUNK_BYTES:
             yield group
             group, size = [], 0
         group.append(entry)
-        size += entry[3]
+        size += entry.nbytes
     if group:
         yield group
-
-
-def _payloads(entries):
-    """The payloads of one message: one per piece, except that consecutive chunks sent whole
-    in one small piece each (a bucket of small gradients) travel packed in one frame of at
-    most FRAME_BYTES, which a server updates with one optimizer call (see server.Group)."""
-    payloads, run, run_bytes = [], [], 0
-    for index, (_, _, pieces, nbytes) in enumerate(entries):
-        whole = len(pieces) == 1 and pieces[0][0] == "dense" and nbytes < protocol.FRAME_BYTES
-        if run and not (whole and pieces[0][2].dtype == run[0][2].dtype and
-                        run_bytes + nbytes <= protocol.FRAME_BYTES):
-            payloads += _packed(run)
-            run, run_bytes = [], 0
-        if whole:
-            run.append((index, pieces[0][1], pieces[0][2]))
-            run_bytes += nbytes
-        else:
-            payloads += [Payload(index, kind, start, array) for kind, start, array in pieces]
-    return payloads + _packed(run)
-
-
-def _packed(run):
-    """[(key index, start, whole-chunk array)] as one packed payload (a lone one as dense)."""
-    if len(run) < 2:
-        return [Payload(index, "dense", start, array) for index, start, array in run]
-    return [Payload(run[0][0], "packed", 0, np.concatenate([array for _, _, array in run]),
-                    [(index, start, array.size) for index, start, array in run])]
 
 
 class _Group:

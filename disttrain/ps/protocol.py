@@ -19,7 +19,7 @@ import numpy as np
 # by the rows payload just before it) or "packed": whole chunks of several small keys back to
 # back in one frame, its descriptor listing them as "spans": [[key, start, size], ...] (key
 # index, the chunk's first element in the key, its element count), in frame order. A bucket of
-# small gradients then costs one frame, and a server one optimizer call (see server.Group).
+# small gradients then costs one frame, and a server one optimizer call (see ps/group.py).
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.
@@ -28,15 +28,18 @@ SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye")
 NOTICE_OPS = ("reply", "error", "dead", "shutdown")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS
 
+# Consistency modes a job's servers run in (init's meta "mode").
+MODES = ("sync", "async", "ssp")
+
 DTYPES = ("float16", "float32", "float64", "int32", "int64")
 KINDS = ("dense", "rows", "values", "packed")
 _OPS, _KINDS = frozenset(OPS), frozenset(KINDS)
 _DTYPES = {name: np.dtype(name) for name in DTYPES}
 _DTYPE_NAMES = {dtype: name for name, dtype in _DTYPES.items()}  # dtype.name is slow
 
-# Measured (raw pyzmq on loopback): 1 MB messages move ~2.4x faster than one 64 MB
-# message, because big receive buffers are fresh pages every time. So big tensors travel
-# as many frames of at most FRAME_BYTES each.
+# Big tensors travel as many frames of at most FRAME_BYTES each: big receive buffers are
+# fresh pages every time, and 1 MB messages move faster than one big one (figure in
+# docs/performance.md).
 FRAME_BYTES = 1 << 20
 MAX_HEADER_BYTES = 1 << 20
 DEFAULT_MAX_MESSAGE_BYTES = 1 << 31
@@ -44,6 +47,11 @@ DEFAULT_MAX_MESSAGE_BYTES = 1 << 31
 
 class ProtocolError(ValueError):
     """A received message that breaks the wire format; the text names the problem."""
+
+
+class RequestError(ValueError):
+    """A well-formed message that asks for something invalid; the text goes back to the
+    sender in an error reply."""
 
 
 @dataclass

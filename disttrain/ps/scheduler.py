@@ -1,12 +1,11 @@
-"""Membership (ps-lite's postoffice): the Scheduler assigns ranks and addresses, runs
-barriers and heartbeats and names dead processes; Membership is the node side of that."""
-import itertools
-import os
+"""The scheduler process (ps-lite's postoffice, rendezvous side): assigns ranks and
+addresses, runs barriers and heartbeats and names dead processes; ps/membership.py is the
+node side of that."""
 import sys
-import threading
 import time
 
 from disttrain.ps import protocol, transport
+from disttrain.ps.membership import heartbeat_identity
 from disttrain.ps.protocol import Message
 
 ROLES = ("server", "worker")
@@ -14,17 +13,6 @@ ROLES = ("server", "worker")
 
 def _say(text):
     print(f"disttrain: {text}", file=sys.stderr, flush=True)
-
-
-def heartbeat_identity(node_id):
-    """The socket identity of a node's heartbeat thread: the scheduler sends dead-peer and
-    shutdown notices there, even before the first beat arrived."""
-    return (node_id + "/heartbeat").encode()
-
-
-def heartbeat_interval(timeout):
-    # Several beats per timeout, so one late beat (a busy GIL) is never fatal.
-    return min(1.0, timeout / 5)
 
 
 class Scheduler:
@@ -176,108 +164,3 @@ class Scheduler:
         finally:
             # Linger so the dead / shutdown notices leave even on a busy machine.
             self.listener.close(linger_ms=2000)
-
-
-class Membership:
-    """A server's or worker's link to the scheduler: register, barrier, goodbye from the
-    calling thread; heartbeats and dead-peer notices on a background thread with its own
-    socket (zmq sockets are never shared between threads)."""
-
-    def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
-                 exit_on_dead=False):
-        self.role, self.timeout = role, timeout
-        self.scheduler_address = f"tcp://{scheduler_address}"
-        self.heartbeat_timeout = heartbeat_timeout
-        self.exit_on_dead = exit_on_dead
-        self.node_id = transport.new_identity(role).decode()
-        self.rank = None
-        self.dead = None          # text of the dead-peer notice, once one arrived
-        self.shutdown = threading.Event()
-        self._ids = itertools.count(1)
-        self._stop = threading.Event()
-        self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
-        self._beats = None
-
-    @classmethod
-    def from_env(cls, role, **kwargs):
-        return cls(role, os.environ["DISTTRAIN_SCHEDULER"],
-                   heartbeat_timeout=transport.env_seconds("DISTTRAIN_HEARTBEAT_TIMEOUT", 10),
-                   timeout=transport.default_timeout(), **kwargs)
-
-    def check(self):
-        if self.dead:
-            raise transport.PeerDied(self.dead)
-
-    def _request(self, op, what, **meta):
-        message = Message(op, next(self._ids), f"{self.role}-{self.rank}",
-                          meta=dict(meta, node=self.node_id))
-        reply = self._requests.request(message, transport.Deadline(self.timeout, what),
-                                       self.check)
-        if reply.op == "error":
-            raise RuntimeError(f"scheduler refused {op}: {reply.meta.get('error')}")
-        return reply
-
-    def register(self, tcp="", ipc="", rank=None):
-        """Blocks until every process registered; returns the address book
-        {"server": [...], "worker": [...]} (entries have rank, tcp, ipc, hostname, netns)."""
-        hostname, netns = transport.host_identity()
-        self._start_heartbeats()
-        reply = self._request("register", f"register with the scheduler at "
-                                          f"{self.scheduler_address}",
-                              role=self.role, rank=rank, tcp=tcp, ipc=ipc,
-                              hostname=hostname, netns=netns, pid=os.getpid())
-        self.rank = reply.meta["rank"]
-        return reply.meta["book"]
-
-    def barrier(self, group="worker"):
-        self._request("barrier", f"barrier of group {group!r}", group=group)
-
-    def goodbye(self):
-        self._request("goodbye", "goodbye to the scheduler")
-
-    def _start_heartbeats(self):
-        self._beats = threading.Thread(target=self._heartbeat_loop, daemon=True,
-                                       name="disttrain-heartbeat")
-        self._beats.start()
-
-    def _heartbeat_loop(self):
-        connection = transport.Connection(self.scheduler_address,
-                                          heartbeat_identity(self.node_id))
-        interval = heartbeat_interval(self.heartbeat_timeout)
-        last_answer = time.monotonic()
-        try:
-            while not self._stop.is_set():
-                connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
-                                        meta={"node": self.node_id}))
-                next_beat = time.monotonic() + interval
-                while time.monotonic() < next_beat and not self._stop.is_set():
-                    notice = connection.receive(50)
-                    if notice is None:
-                        continue
-                    last_answer = time.monotonic()
-                    if notice.op == "dead":
-                        return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
-                    if notice.op == "shutdown":
-                        self.shutdown.set()
-                        return
-                silent = time.monotonic() - last_answer
-                if silent > self.heartbeat_timeout and not self._stop.is_set():
-                    return self._peer_died(f"dead: scheduler (no heartbeat for {silent:.1f} s)")
-        finally:
-            connection.close()
-
-    def _peer_died(self, text):
-        _say(text)
-        self.dead = text
-        if self.exit_on_dead:
-            os._exit(1)
-        # Workers get a grace period to raise PeerDied from their blocking call and exit
-        # by themselves; a worker stuck elsewhere is ended so nothing is left behind.
-        if not self._stop.wait(5.0):
-            os._exit(1)
-
-    def close(self):
-        self._stop.set()
-        if self._beats is not None:
-            self._beats.join(timeout=2)
-        self._requests.close()

@@ -1,85 +1,25 @@
-"""Parameter servers: how keys are cut into chunks, and a server's state machine (sync /
-async / ssp, optimizer updates) that never touches a socket; `serve()` wires it up."""
-import os
-import signal
+"""A parameter server: its state machine (keys, sync / async / ssp clocks, gradient
+accumulation, optimizer updates) that never touches a socket, and `serve()`, its loop."""
 import sys
 import traceback
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import protocol, snapshot, transport
-from disttrain.ps.protocol import Message, Payload
-
-MODES = ("sync", "async", "ssp")
-
-# Keys smaller than this live whole on one server: splitting a bias costs a message per
-# server and buys no bandwidth.
-MIN_SPLIT_BYTES = 64 * 1024
-
-# Big keys are cut into chunks of at most this size, dealt round-robin to the servers; the
-# client sends each chunk as its own message, so a server updates and answers one chunk
-# while the next is still on the wire (measured: this pipelining is worth ~2x on 256 MB).
-MAX_CHUNK_BYTES = 4 << 20
+from disttrain.ps import group as groups, protocol, snapshot, transport
+from disttrain.ps.layout import Chunk, chunk_layout
+from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
 # Dense keys are updated slice by slice: every rule is elementwise, so the result is the
-# same, and a 1 MB slice keeps parameter, gradient and the rule's scratch in cache
-# (measured 3x faster than one pass over a 256 MB key). Each slice keeps its own state dict.
+# same, and a 1 MB slice keeps parameter, gradient and the rule's scratch in cache (figure
+# in docs/performance.md). Each slice keeps its own state dict.
 UPDATE_SLICE_BYTES = protocol.FRAME_BYTES
 
 
-class RequestError(ValueError):
-    """A well-formed message that asks for something invalid; the text goes back to the sender."""
-
-
-@dataclass(frozen=True)
-class Chunk:
-    index: int         # position in the key's layout; (key name, index) names it on the wire
-    server: int
-    row_start: int
-    row_stop: int
-    row_size: int      # elements per row (product of shape[1:])
-
-    @property
-    def start(self):   # flat element offsets of the chunk within the key
-        return self.row_start * self.row_size
-
-    @property
-    def stop(self):
-        return self.row_stop * self.row_size
-
-
-def chunk_layout(name, shape, dtype, num_servers):
-    """Contiguous row ranges of a key: a big key in chunks of at most MAX_CHUNK_BYTES (and at
-    least one per server) dealt round-robin to all servers; a small one whole. The first
-    chunk goes to the server the name hashes to, so many small keys spread out."""
-    shape = tuple(int(n) for n in shape)
-    rows = shape[0] if shape else 1
-    row_size = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
-    nbytes = rows * row_size * np.dtype(dtype).itemsize
-    first = zlib.crc32(name.encode()) % num_servers
-    if nbytes < MIN_SPLIT_BYTES or rows < 2:
-        return [Chunk(0, first, 0, rows, row_size)]
-    pieces = max(num_servers, -(-nbytes // MAX_CHUNK_BYTES))
-    pieces = min(pieces, rows)
-    bounds = [rows * i // pieces for i in range(pieces + 1)]
-    return [Chunk(i, (first + i) % num_servers, bounds[i], bounds[i + 1], row_size)
-            for i in range(pieces)]
-
-
-class _Updated:
-    """A target of updates, a KeyChunk or a Group: ServerState._push, _apply and Accumulator
-    use its `param`, `state`, `sparse`, `spare`, `pending`, `version`, `members` and this."""
-
-    def take_buffer(self):
-        return self.spare.pop() if self.spare else np.empty_like(self.param)
-
-
 @dataclass(eq=False)
-class KeyChunk(_Updated):
+class KeyChunk:
     """One server's chunk of one key: its weights, optimizer state and clocks."""
     name: str
     shape: tuple
@@ -92,7 +32,7 @@ class KeyChunk(_Updated):
     pushes: list = field(default_factory=list)   # pushes received per worker rank
     pending: dict = field(default_factory=dict)  # sync: clock -> Accumulator
     spare: list = field(default_factory=list)    # gradient buffers to reuse (warm pages)
-    group: "Group" = None                   # while set, `param` is a view into group.param
+    group: "groups.Group" = None            # while set, `param` is a view into group.param
     # and the optimizer state and pending gradients live in the group
 
     @property
@@ -100,82 +40,153 @@ class KeyChunk(_Updated):
         return (self,)
 
 
-@dataclass(eq=False)
-class Group(_Updated):
-    """Small dense chunks that workers push packed in one frame, in that order (a
-    DataParallel bucket), stored back to back: one optimizer call updates them all and one
-    frame answers their pull. To the rest of the server it looks like one flat key; each
-    member keeps its name, clocks and a view of its weights, so it can still be pulled alone.
+# What one optimizer call updates: a KeyChunk, or a Group of them stored back to back. Both
+# have the `param`, `state`, `sparse`, `spare`, `pending`, `version` and `members` that
+# ServerState._push, the gradient kinds and Accumulator use.
+UpdateTarget = KeyChunk | groups.Group
 
-    Measured on LeNet-5's ten parameters (2 workers, SGD with momentum): a server's decode,
-    handling and reply encoding of one step take 170 us instead of 320 us key by key, and a
-    pinned 2-worker step 11.05 instead of 11.68 ms (4 alternating runs each).
 
-    A group forms on the first packed push of chunks never pushed before, and is dissolved
-    back into plain keys, state and pending gradients split exactly, the moment any member is
-    pushed otherwise (alone, without gradient, or packed with other keys); those keys then
-    stay plain."""
-    members: tuple                          # the KeyChunks, in packed order
-    offsets: list                           # each member's first element in `param`
-    param: np.ndarray                       # 1-D, all members' weights back to back
-    state: dict = field(default_factory=dict)
-    version: int = 0
-    pending: dict = field(default_factory=dict)
-    spare: list = field(default_factory=list)
-    sparse = False
+# --- gradients: what a push brings, and how one clock's pushes add up --------------------
+class DenseGradient:
+    """A dense push for one update target, as received: (offset, 1-D piece) pairs that tile
+    it. Its pieces are the received frames; nothing writes to them."""
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def add_to(self, accumulator):
+        accumulator.add_dense(self)
+
+    def apply(self, target, rule, hyper, divisor):
+        param = target.param.reshape(-1)
+        step = _slice_elements(param)
+        if divisor == 1 and not target.sparse and _on_slice_grid(self.pieces, step, param.size):
+            # One push whose frames are the update slices: run the rule on the received
+            # buffers directly (rules never write to their gradient).
+            for offset, piece in self.pieces:
+                rule(param[offset:offset + piece.size], piece,
+                     target.state.setdefault(offset // step, {}), **hyper)
+            return
+        DenseSum(_gather(target, self.pieces)).apply(target, rule, hyper, divisor)
+
+
+class DenseSum:
+    """Dense gradients summed into a buffer shaped like the target; after the update the
+    buffer goes to `target.spare` for the next sum."""
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def apply(self, target, rule, hyper, divisor):
+        gradient = self.array
+        if divisor != 1:
+            gradient /= divisor
+        if target.sparse:   # lazily updated rows keep per-row state: stay lazy for dense pushes
+            rules.apply_rows(rule, target.param, np.arange(target.param.shape[0]), gradient,
+                             target.state, **hyper)
+        else:
+            param, flat = target.param.reshape(-1), gradient.reshape(-1)
+            step = _slice_elements(param)
+            for start in range(0, param.size, step):
+                rule(param[start:start + step], flat[start:start + step],
+                     target.state.setdefault(start // step, {}), **hyper)
+        target.spare.append(gradient)
+
+
+class RowGradient:
+    """Some rows of a sparse key: local row indices (unique) and their values, one row each."""
+    __slots__ = ("rows", "values")
+
+    def __init__(self, rows, values):
+        self.rows, self.values = rows, values
+
+    def add_to(self, accumulator):
+        accumulator.add_rows(self)
+
+    def apply(self, target, rule, hyper, divisor):
+        values = self.values / divisor if divisor != 1 else self.values
+        rules.apply_rows(rule, target.param, self.rows, values, target.state, **hyper)
 
 
 class Accumulator:
-    """Sum of the gradients pushed for one clock of one chunk. A lone dense push stays as
-    its received pieces (no copy); a second one is summed into a reusable buffer. Sparse
-    rows are kept until the clock is complete."""
+    """Sum of the gradients pushed for one clock of one update target. A lone dense push
+    stays as received (no copy); a second one is summed into a reusable buffer. Sparse rows
+    are kept until the clock is complete."""
 
-    def __init__(self, key):
-        self.key = key
+    def __init__(self, target):
+        self.target = target
         self.count = 0
-        self.pieces = None          # the first dense push: [(offset, piece)]
-        self.dense = None           # the sum of two or more, shaped like the chunk
-        self.rows, self.values = [], []
+        self.first = None           # the first dense push: a DenseGradient
+        self.dense = None           # the sum of two or more, shaped like the target
+        self.rows = []              # RowGradients
 
     def add(self, gradient):
+        """gradient: a DenseGradient, a RowGradient, or None (a worker with no gradient for
+        this target this step, which still counts)."""
         self.count += 1
-        if gradient is None:        # a worker with no gradient for this key this step
-            return
-        if isinstance(gradient, tuple):
-            self.rows.append(gradient[0])
-            self.values.append(gradient[1])
-        elif self.pieces is None and self.dense is None:
-            self.pieces = gradient
-        else:
-            self.materialize()
-            flat = self.dense.reshape(-1)
-            for offset, piece in gradient:
-                flat[offset:offset + piece.size] += piece
+        if gradient is not None:
+            gradient.add_to(self)
 
-    def materialize(self):
+    def add_dense(self, gradient):
+        if self.first is None and self.dense is None:
+            self.first = gradient
+            return
+        flat = self._materialize().reshape(-1)
+        for offset, piece in gradient.pieces:
+            flat[offset:offset + piece.size] += piece
+
+    def add_rows(self, gradient):
+        self.rows.append(gradient)
+
+    def _materialize(self):
         if self.dense is None:
-            self.dense = self.key.take_buffer()
-            flat = self.dense.reshape(-1)
-            if self.pieces is None:
-                flat[:] = 0
-            for offset, piece in self.pieces or ():
-                flat[offset:offset + piece.size] = piece
-            self.pieces = None
+            self.dense = _gather(self.target, self.first.pieces if self.first else ())
+            self.first = None
         return self.dense
+
+    def share(self, key, start, stop):
+        """The part of this (dense) sum that falls on elements start..stop, as the
+        Accumulator of `key` (a group member dissolving)."""
+        share = Accumulator(key)
+        share.count = self.count
+        if self.dense is not None:
+            share.dense = self.dense[start:stop].reshape(key.param.shape).copy()
+        elif self.first is not None:
+            share.first = DenseGradient([(0, self.first.pieces[0][1][start:stop])])
+        return share
 
     def total(self):
-        """None, [(offset, piece)] of one push, a dense chunk-shaped array, or
-        (unique rows, summed values)."""
-        if self.pieces is not None and not self.rows:
-            return self.pieces
+        """What the clock's pushes add up to: None (no worker had a gradient), the lone
+        dense push as received, the rows summed (a RowGradient), or a DenseSum."""
         if self.rows:
-            values = np.concatenate(self.values)
-            summed = RowSparseGrad.from_rows(np.concatenate(self.rows), values,
-                                             (self.key.param.shape[0],) + values.shape[1:])
-            if self.dense is None and self.pieces is None:
-                return summed.indices, summed.values
-            self.materialize()[summed.indices] += summed.values
-        return self.dense
+            values = np.concatenate([g.values for g in self.rows])
+            summed = RowSparseGrad.from_rows(np.concatenate([g.rows for g in self.rows]), values,
+                                             (self.target.param.shape[0],) + values.shape[1:])
+            if self.dense is None and self.first is None:
+                return RowGradient(summed.indices, summed.values)
+            self._materialize()[summed.indices] += summed.values
+            return DenseSum(self.dense)
+        if self.first is not None:
+            return self.first
+        return None if self.dense is None else DenseSum(self.dense)
+
+
+def _gather(target, pieces):
+    """A buffer shaped like the target (a spare one if any: its pages are warm) holding the
+    pieces; zeros where none."""
+    buffer = target.spare.pop() if target.spare else np.empty_like(target.param)
+    flat = buffer.reshape(-1)
+    if not pieces:
+        flat[:] = 0
+    for offset, piece in pieces:
+        flat[offset:offset + piece.size] = piece
+    return buffer
+
+
+def _slice_elements(param):
+    return max(1, UPDATE_SLICE_BYTES // param.itemsize)
 
 
 def _on_slice_grid(pieces, step, size):
@@ -398,98 +409,40 @@ class ServerState:
             raise RequestError(f"{message.op} before init on server {self.rank}")
 
     def _gradient(self, key, payloads):
-        """None (an empty push), a list of dense (offset, piece) covering the chunk, or
-        (local rows, values)."""
+        """None (an empty push), a DenseGradient covering the chunk, or a RowGradient."""
         if not payloads:
             return None
         if payloads[0].kind == "dense":
-            return self._dense_pieces(key, payloads, "push")
+            return DenseGradient(self._dense_pieces(key, payloads, "push"))
         rows, values = self._row_pairs(key, payloads, "push", with_values=True)
         rows = np.concatenate(rows)
         if len(np.unique(rows)) != len(rows):
             raise RequestError(f"push: key {key.name!r} repeats a row")
-        return rows, np.concatenate(values)
+        return RowGradient(rows, np.concatenate(values))
 
     def _push_units(self, message, keys):
         """What a push updates, as (target, gradient) pairs: a target is a KeyChunk, or the
-        Group of the chunks a packed payload carries (see Group)."""
+        Group of the chunks a packed payload carries (see ps/group.py)."""
         payloads = _by_key(message)
         if len(set(map(id, keys))) != len(keys):
             raise RequestError(f"push: a key chunk is named twice in {message.keys}")
         units, packed = [], set()
         for payload in message.payloads:
             if payload.kind == "packed":
-                units += self._packed_units(payload, keys, payloads, packed)
+                members = groups.packed_members(payload, keys, payloads, packed, self.rank)
+                group = groups.group_of(members, UPDATE_SLICE_BYTES)
+                if group is not None:
+                    units.append((group, DenseGradient([(0, payload.array)])))
+                    continue
+                starts = np.cumsum([0] + [key.param.size for key in members]).tolist()
+                units += [(key, DenseGradient([(0, payload.array[start:stop])]))
+                          for key, start, stop in zip(members, starts, starts[1:])]
         for index, key in enumerate(keys):
             if index not in packed:
                 if key.group is not None:   # pushed on its own now: back to a plain key
-                    self._dissolve(key.group)
+                    groups.dissolve(key.group)
                 units.append((key, self._gradient(key, payloads[index])))
         return units
-
-    def _packed_units(self, payload, keys, payloads, packed):
-        members = []
-        for index, start, size in payload.spans:
-            key = keys[index]
-            # The payload itself is listed under its first span's key; nothing else may be.
-            if index in packed or len(payloads[index]) > (index == payload.key):
-                raise RequestError(f"push: key {key.name!r} is in more than one payload")
-            self._check_dtype(key, payload.array, "push")
-            if key.sparse or start != key.chunk.start or size != key.param.size:
-                raise RequestError(f"push: a packed payload carries whole dense chunks, but "
-                                   f"key {key.name!r} got {size} elements at {start} (server "
-                                   f"{self.rank} holds {key.chunk.start}..{key.chunk.stop})")
-            packed.add(index)
-            members.append(key)
-        members = tuple(members)
-        group = self._group_of(members)
-        if group is not None:
-            return [(group, [(0, payload.array)])]
-        starts = np.cumsum([0] + [key.param.size for key in members]).tolist()
-        return [(key, [(0, payload.array[start:stop])])
-                for key, start, stop in zip(members, starts, starts[1:])]
-
-    def _group_of(self, members):
-        """The Group of exactly these chunks in this order: the existing one, a new one if
-        none of them was ever pushed, or None (they are then updated one by one)."""
-        group = members[0].group
-        if group is not None and group.members == members:
-            return group
-        for key in members:
-            if key.group is not None:
-                self._dissolve(key.group)
-        itemsize = members[0].param.itemsize
-        if len(members) < 2 or any(any(key.pushes) for key in members) or \
-                sum(key.param.size for key in members) * itemsize > UPDATE_SLICE_BYTES:
-            return None   # (a key never pushed has no state and no pending sum yet)
-        state = snapshot.join_states(members)   # restored keys bring optimizer state
-        if state is None:
-            return None
-        offsets = np.cumsum([0] + [key.param.size for key in members]).tolist()
-        group = Group(members, offsets[:-1], np.concatenate([key.param.reshape(-1)
-                                                              for key in members]), state)
-        for key, start, stop in zip(members, offsets, offsets[1:]):
-            key.param = group.param[start:stop].reshape(key.param.shape)
-            key.group = group
-        return group
-
-    @staticmethod
-    def _dissolve(group):
-        """Give every member its share of the group's optimizer state and pending sums."""
-        for key, start in zip(group.members, group.offsets):
-            stop = start + key.param.size
-            key.group = None
-            key.state = {index: {name: value[start:stop].copy()
-                                 if isinstance(value, np.ndarray) else value
-                                 for name, value in state.items()}
-                         for index, state in group.state.items()}
-            for clock, accumulator in group.pending.items():
-                share = key.pending[clock] = Accumulator(key)
-                share.count = accumulator.count
-                if accumulator.dense is not None:
-                    share.dense = accumulator.dense[start:stop].reshape(key.param.shape).copy()
-                elif accumulator.pieces is not None:
-                    share.pieces = [(0, accumulator.pieces[0][1][start:stop])]
 
     def _push(self, message, keys=None):
         self._require_config(message)
@@ -528,41 +481,15 @@ class ServerState:
         for key in target.members:
             key.version = target.version
 
-    def _apply(self, key, accumulator, lr, divisor):
-        """Run the optimizer rule on the chunk with the mean gradient."""
+    def _apply(self, target, accumulator, lr, divisor):
+        """Run the optimizer rule on the target with the mean gradient of a clock (or of one
+        push: async and ssp)."""
         gradient = accumulator.total()
         if gradient is None:
             return
         optimizer = self.config["optimizer"]
-        rule = rules.RULES[optimizer["name"]]
-        hyper = dict(optimizer["hyper"], lr=float(lr))
-        if isinstance(gradient, tuple):
-            rows, values = gradient
-            rules.apply_rows(rule, key.param, rows, values / divisor if divisor != 1 else values,
-                             key.state, **hyper)
-            return
-        param = key.param.reshape(-1)
-        step = max(1, UPDATE_SLICE_BYTES // param.itemsize)
-        if isinstance(gradient, list) and divisor == 1 and not key.sparse \
-                and _on_slice_grid(gradient, step, param.size):
-            # One push whose frames are the update slices: run the rule on the received
-            # buffers directly (rules never write to their gradient).
-            for offset, piece in gradient:
-                rule(param[offset:offset + piece.size], piece,
-                     key.state.setdefault(offset // step, {}), **hyper)
-            return
-        gradient = accumulator.materialize()
-        if divisor != 1:
-            gradient /= divisor
-        if key.sparse:   # lazily updated rows keep per-row state: stay lazy for dense pushes
-            rules.apply_rows(rule, key.param, np.arange(key.param.shape[0]), gradient,
-                             key.state, **hyper)
-        else:
-            flat = gradient.reshape(-1)
-            for start in range(0, param.size, step):
-                rule(param[start:start + step], flat[start:start + step],
-                     key.state.setdefault(start // step, {}), **hyper)
-        key.spare.append(gradient)
+        gradient.apply(target, rules.RULES[optimizer["name"]],
+                       dict(optimizer["hyper"], lr=float(lr)), divisor)
 
     # --- pull -----------------------------------------------------------------
     def _check_pull(self, message):
@@ -609,15 +536,11 @@ class ServerState:
         while index < len(keys):
             key = keys[index]
             rows = [p.array for p in requested[index] if p.kind == "rows"] if requested else []
-            group = key.group
-            if group is not None and not rows and \
-                    tuple(keys[index:index + len(group.members)]) == group.members:
-                # The whole group asked for in packed order (a bucket): answer in one frame.
-                spans = [(index + i, member.chunk.start, member.param.size)
-                         for i, member in enumerate(group.members)]
-                payloads.append(Payload(index, "packed", 0,
-                                        group.param.copy() if snapshot else group.param, spans))
-                index += len(spans)
+            # The whole group asked for in packed order (a bucket): answer in one frame.
+            packed, answered = (None, 0) if rows else groups.packed_reply(index, keys, snapshot)
+            if packed is not None:
+                payloads.append(packed)
+                index += answered
             else:
                 payloads += _key_reply(index, key, rows, snapshot)
                 index += 1
@@ -664,14 +587,16 @@ def _log_rejected(text):
               flush=True)
 
 
-def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None):
-    """A server process's loop: register, then answer requests until the scheduler says
-    shutdown (return 0) or reports a dead peer (return 1)."""
+def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
+          rank=None):
+    """A server process's loop: register (asking for `rank`, the launcher's, if given, and
+    advertising `host`, else the address on the route to the scheduler), then answer requests
+    until the scheduler says shutdown (return 0) or reports a dead peer (return 1)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     listener = transport.Listener(host, max_message_bytes)
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
-                                   rank=_env_rank())
+                                   rank=rank)
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
         while not membership.shutdown.is_set():
             if membership.dead:
@@ -700,34 +625,3 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
     finally:
         listener.close()
         membership.close()
-
-
-def _env_rank():
-    value = os.environ.get("DISTTRAIN_RANK")
-    return int(value) if value not in (None, "") else None
-
-
-def use_realtime_priority(rank=None):
-    """Run this process at real-time priority (SCHED_FIFO 1) where the OS permits (root or
-    CAP_SYS_NICE); True if it does. Call it before any thread or zmq context exists: zmq's
-    I/O threads inherit it.
-
-    Why: with every worker pinned to its own core (launch --bind), a server thread woken by
-    a push can be queued behind a computing worker until the next scheduler tick (measured:
-    ~4 ms stalls in over 10% of LeNet steps on 2 cores, while the other core sat idle). A
-    real-time server preempts the worker at once and runs for the fraction of a millisecond
-    its answer takes; it blocks on its socket the rest of the time."""
-    who = "server" if rank is None else f"server {rank}"
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(1))
-        return True
-    except (AttributeError, OSError) as error:   # no such call here, or not permitted
-        print(f"disttrain: {who} keeps normal priority (SCHED_FIFO refused: {error}); "
-              f"pinned workers may then wait for it up to a scheduler tick", file=sys.stderr,
-              flush=True)
-        return False
-
-
-def install_sigterm_exit():
-    """The launcher stops servers and the scheduler with SIGTERM once workers are done."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))

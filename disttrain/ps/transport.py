@@ -15,21 +15,6 @@ class PeerDied(RuntimeError):
     """Raised from a blocking call when the scheduler reported a dead process."""
 
 
-def env_seconds(name, default):
-    value = os.environ.get(name, "")
-    try:
-        seconds = float(value) if value else float(default)
-    except ValueError:
-        raise ValueError(f"{name}={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise ValueError(f"{name}={value!r} must be positive")
-    return seconds
-
-
-def default_timeout():
-    return env_seconds("DISTTRAIN_TIMEOUT", 300)
-
-
 class Deadline:
     """A point in time after which a wait gives up with a TimeoutError naming what it waited for."""
 
@@ -56,8 +41,8 @@ _context_pid = None
 
 
 def context():
-    """One zmq context per process (recreated after fork). Two I/O threads: measured to
-    keep several concurrent big transfers (one per server) from sharing one thread."""
+    """One zmq context per process (recreated after fork). Two I/O threads, so several
+    concurrent big transfers (one per server) do not share one thread."""
     global _context, _context_pid
     if _context is None or _context_pid != os.getpid():
         _context = zmq.Context(io_threads=2)
@@ -83,10 +68,8 @@ def split_host_port(address):
 
 
 def advertised_host(scheduler_address):
-    """DISTTRAIN_HOST, else the local address of the route to the scheduler. A UDP
-    connect() only picks the route; it sends no packet."""
-    if os.environ.get("DISTTRAIN_HOST"):
-        return os.environ["DISTTRAIN_HOST"]
+    """The local address of the route to the scheduler (where DISTTRAIN_HOST does not say
+    what to advertise). A UDP connect() only picks the route; it sends no packet."""
     host, port = split_host_port(scheduler_address)
     probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:

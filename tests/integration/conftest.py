@@ -6,10 +6,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 
 import pytest
+
+from tests.waiting import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRAMS = os.path.join(ROOT, "tests", "integration", "programs")
@@ -53,9 +54,7 @@ def kill_tagged(tag):
 
 def wait_for_no_tagged(tag, deadline_s=5.0):
     """Leftovers get a moment to finish exiting before they count as orphans."""
-    end = time.monotonic() + deadline_s
-    while tagged_pids(tag) and time.monotonic() < end:
-        time.sleep(0.05)
+    wait_until(lambda: not tagged_pids(tag), deadline_s)
     return tagged_pids(tag)
 
 
@@ -207,15 +206,11 @@ def environ_of(pid):
 
 def wait_for_tagged(tag, count, role=None, deadline_s=10.0):
     """Pids of `count` tagged processes of `role` (any role if None), once they all run."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        pids = [pid for pid in tagged_pids(tag)
+    def pids():
+        return [pid for pid in tagged_pids(tag)
                 if role is None or environ_of(pid).get("DISTTRAIN_ROLE") == role]
-        if len(pids) >= count:
-            return pids
-        time.sleep(0.05)
-    pytest.fail(f"only {len(pids)} of {count} {role or 'tagged'} processes started "
-                f"within {deadline_s:g} s")
+    return wait_until(lambda: len(pids()) >= count and pids(), deadline_s,
+                      lambda: f"only {len(pids())} of {count} {role or 'tagged'} processes started")
 
 
 def program_pid(tag, role, rank, program):
@@ -234,10 +229,5 @@ def program_pid(tag, role, rank, program):
 
 
 def wait_for_program_pid(tag, role, rank, program, deadline_s=10.0):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        pid = program_pid(tag, role, rank, program)
-        if pid is not None:
-            return pid
-        time.sleep(0.05)
-    pytest.fail(f"{role} {rank} running {program} did not start within {deadline_s:g} s")
+    return wait_until(lambda: program_pid(tag, role, rank, program), deadline_s,
+                      f"{role} {rank} running {program} to start")

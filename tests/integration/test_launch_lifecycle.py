@@ -4,13 +4,13 @@
 import json
 import os
 import signal
-import time
 
 import pytest
 
 from tests.integration.conftest import (
-    PYTHON, TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid,
-    wait_for_tagged)
+    PYTHON, TOY_WORKER, environ_of, launcher_argv, new_tag, tagged_pids, wait_for_no_tagged,
+    wait_for_program_pid, wait_for_tagged)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +96,11 @@ def test_signal_to_the_launcher_stops_every_process(launch_run, signum):
 
 def ignores_sigterm(pid, deadline_s=10.0):
     """Whether `pid` has set SIGTERM to ignored (its SigIgn mask in /proc) within the deadline."""
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
+    def ignored():
         with open(f"/proc/{pid}/status") as status:
             mask = next(line for line in status if line.startswith("SigIgn:")).split()[1]
-        if int(mask, 16) & (1 << (signal.SIGTERM - 1)):
-            return True
-        time.sleep(0.05)
-    return False
+        return bool(int(mask, 16) & (1 << (signal.SIGTERM - 1)))
+    return wait_until(ignored, deadline_s)
 
 
 def test_worker_ignoring_sigterm_is_killed_after_the_grace_period(launch_run):
@@ -147,13 +144,11 @@ def test_bind_runs_the_server_real_time_or_it_says_why_not(launch_run):
     run = launch_run(launcher_argv("-n", "1", "--bind", command=TOY_WORKER + ["--sleep", "3"],
                                    tag=tag, ps_command=f"{PYTHON} -m disttrain.ps"), tag)
     server = wait_for_program_pid(tag, "server", 0, "disttrain.ps")
-    policy, end = None, time.monotonic() + 5
-    while policy != os.SCHED_FIFO and time.monotonic() < end:   # set right after start-up
-        policy = os.sched_getscheduler(server)
-        time.sleep(0.05)
+    # Set right after start-up; a refusal is reported instead.
+    realtime = wait_until(lambda: os.sched_getscheduler(server) == os.SCHED_FIFO, 5)
     assert run.finish() == 0, run.stderr
     refused = "[server 0] disttrain: server 0 keeps normal priority (SCHED_FIFO refused"
-    assert policy == os.SCHED_FIFO or refused in run.stderr, (policy, run.stderr)
+    assert realtime or refused in run.stderr, run.stderr
 
 
 def test_missing_worker_program_fails_with_127_and_names_it(launch_run):
@@ -171,7 +166,11 @@ def test_second_ctrl_c_kills_without_waiting_for_the_grace_period(launch_run):
         "--sleep", "60", "--ignore-sigterm"], tag=tag), tag)
     assert ignores_sigterm(wait_for_program_pid(tag, "worker", 0, "toy_worker.py"))
     run.popen.send_signal(signal.SIGINT)
-    time.sleep(0.5)  # the first one has been handled: the worker ignored its SIGTERM
+    # The first one has been handled once the launcher stopped the (fake) scheduler, which
+    # exits on SIGTERM; the worker ignores its SIGTERM and keeps running.
+    wait_until(lambda: not [pid for pid in tagged_pids(tag)
+                            if environ_of(pid).get("DISTTRAIN_ROLE") == "scheduler"], 10,
+               "the launcher to stop the scheduler after the first SIGINT")
     run.popen.send_signal(signal.SIGINT)
     assert run.finish() == 128 + signal.SIGINT  # well before the 60 s grace period
     assert "launch: second signal: killing every process now" in run.stderr

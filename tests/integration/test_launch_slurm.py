@@ -7,13 +7,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 
 import pytest
 
 from tests.integration.conftest import (
     PROGRAMS, PYTHON, ROOT, TAG_VARIABLE, TOY_WORKER, kill_tagged, launcher_argv, new_tag, tagged_pids,
     wait_for_no_tagged, wait_for_program_pid)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -61,18 +61,23 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """
 
 
+def slurm_logs(directory):
+    return "".join(open(os.path.join(directory, name)).read()[-2000:]
+                   for name in ("slurmctld.log", "slurmd.log")
+                   if os.path.exists(os.path.join(directory, name)))
+
+
 def wait_for_idle_node(env, directory):
-    end = time.monotonic() + CLUSTER_START_DEADLINE_S
-    while time.monotonic() < end:
-        state = subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
-                               text=True, timeout=10).stdout.strip()
-        if state == "idle":
-            return
-        time.sleep(0.2)
-    logs = "".join(open(os.path.join(directory, name)).read()[-2000:]
-                   for name in ("slurmctld.log", "slurmd.log") if os.path.exists(os.path.join(directory, name)))
-    pytest.fail(f"single-node Slurm not idle within {CLUSTER_START_DEADLINE_S:g} s "
-                f"(sinfo says {state!r})\n{logs}")
+    def state():
+        return subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+    wait_until(lambda: state() == "idle", CLUSTER_START_DEADLINE_S,
+               lambda: f"single-node Slurm idle (sinfo says {state()!r})\n{slurm_logs(directory)}")
+
+
+def controller_up(env):
+    ping = subprocess.run(["scontrol", "ping"], env=env, capture_output=True, text=True, timeout=10)
+    return "UP" in ping.stdout
 
 
 @pytest.fixture(scope="module")
@@ -104,12 +109,17 @@ def slurm_env(tmp_path_factory):
         [sbin("slurmctld"), "-D", "-i", "-f", env["SLURM_CONF"]],
         [sbin("slurmd"), "-D", "-N", node, "-f", env["SLURM_CONF"]],
     ]
+    # Each daemon needs the one before: munged's socket before slurmctld, a controller that
+    # answers before slurmd.
+    ready = [lambda: os.path.exists(f"{directory}/munge.sock"), lambda: controller_up(env),
+             lambda: True]
     daemons = []
     try:
-        for command in commands:
+        for command, started in zip(commands, ready):
             daemons.append(subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, start_new_session=True))
-            time.sleep(0.3)  # munged's socket before slurmctld, slurmctld before slurmd
+            wait_until(started, CLUSTER_START_DEADLINE_S,
+                       lambda: f"{os.path.basename(command[0])} ready\n{slurm_logs(directory)}")
         wait_for_idle_node(env, directory)
         yield env
     finally:

@@ -5,13 +5,13 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
 from tests.integration.conftest import (
     TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
 from tests.integration.test_launch_multihost import worker_reports
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,11 @@ def make_key(path):
 
 
 def wait_until_listening(namespace, address, deadline_s=SSHD_START_DEADLINE_S):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        listening = subprocess.run(["ip", "netns", "exec", namespace, "ss", "-ltnH", "sport = :22"],
-                                   capture_output=True, text=True, timeout=10).stdout
-        if address in listening:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"sshd in {namespace} did not listen on {address}:22 within {deadline_s:g} s")
+    def listening():
+        return address in subprocess.run(
+            ["ip", "netns", "exec", namespace, "ss", "-ltnH", "sport = :22"],
+            capture_output=True, text=True, timeout=10).stdout
+    wait_until(listening, deadline_s, f"sshd in {namespace} to listen on {address}:22")
 
 
 @pytest.fixture

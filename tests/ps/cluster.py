@@ -5,7 +5,8 @@ import signal
 import socket
 import subprocess
 import sys
-import time
+
+from tests.waiting import wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PROGRAM = os.path.join(ROOT, "tests", "ps", "train_program.py")
@@ -52,9 +53,7 @@ class Cluster:
 
     def wait(self, seconds):
         """{name: exit code} once all exited; None for those still running at the deadline."""
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and any(p.poll() is None for p in self.processes.values()):
-            time.sleep(0.05)
+        wait_until(lambda: all(p.poll() is not None for p in self.processes.values()), seconds)
         return {name: p.poll() for name, p in self.processes.items()}
 
     def read(self, name, stream="err"):

@@ -4,6 +4,7 @@ import threading
 from contextlib import contextmanager
 
 from disttrain.ps import client, scheduler, server
+from disttrain.ps.membership import Membership
 from tests.ps.cluster import free_port
 
 TIMEOUT = 60
@@ -19,7 +20,7 @@ def job(num_workers, num_servers):
                                 timeout=TIMEOUT)
     threads = [threading.Thread(target=sched.run, daemon=True)]
     threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
-        membership=scheduler.Membership("server", address, 30, TIMEOUT), host="127.0.0.1"))
+        membership=Membership("server", address, 30, TIMEOUT), host="127.0.0.1"))
         for _ in range(num_servers)]
     for thread in threads:
         thread.start()
@@ -27,7 +28,7 @@ def job(num_workers, num_servers):
 
     def connect():
         def one(rank):
-            membership = scheduler.Membership("worker", address, 30, TIMEOUT)
+            membership = Membership("worker", address, 30, TIMEOUT)
             book = membership.register(rank=rank)
             connected.append((membership, client.KVStore(book, rank, membership, TIMEOUT)))
         run_workers(num_workers, one)

@@ -1,6 +1,9 @@
 """DataParallel's buckets with one worker whose scheduler and server run on threads of the
 test process: parameters sent together train exactly like the local optimizer, stay keys of
-their own names on the server, and a parameter left without gradient is left alone."""
+their own names on the server, a parameter left without gradient is left alone, and sparse
+rows are pulled by a forward pre-hook."""
+import sys
+
 import numpy as np
 import pytest
 
@@ -9,6 +12,7 @@ from disttrain import optim
 from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.parallel import DataParallel
+from tests.ps import train_program
 from tests.ps.inprocess import TIMEOUT, job
 
 
@@ -76,3 +80,30 @@ def test_an_unused_parameter_is_left_alone(one_worker_job, bucket_bytes):
         train(model, parallel)
     np.testing.assert_array_equal(model.state_dict()["unused"], np.ones(5, np.float32))
     assert not np.array_equal(model.state_dict()["w"], Net().state_dict()["w"])
+
+
+def test_sparse_rows_come_from_a_forward_pre_hook_and_nothing_is_patched(one_worker_job):
+    model = train_program.TinyNet()
+    hook_before = sys.excepthook
+    tokens, x, y = train_program.dataset(8)
+    with DataParallel(model, optim.SGD(model.parameters(), lr=0.1)) as parallel:
+        assert len(model.table._forward_pre_hooks) == 1
+        # Another worker's update, as the servers see it: the next forward must use it.
+        table = parallel._params["table.weight"].data
+        stale = table.copy()
+        rows = np.unique(tokens[:4])
+        parallel._store.push({"table.weight": _rows_gradient(rows, np.ones((len(rows), 4)))},
+                             parallel.clock, lr=1.0)
+        parallel.clock += 1
+        model(tokens[:4], dt.tensor(x[:4]))
+        np.testing.assert_allclose(table[rows], stale[rows] - 1, rtol=1e-6)
+        np.testing.assert_array_equal(np.delete(table, rows, axis=0),
+                                      np.delete(stale, rows, axis=0))
+    assert model.table._forward_pre_hooks == []          # close() takes it off again
+    assert not {"forward", "state_dict"} & (set(vars(model)) | set(vars(model.table)))
+    assert sys.excepthook is hook_before
+
+
+def _rows_gradient(rows, values):
+    return type("Rows", (), {"indices": rows.astype(np.int64),
+                             "values": values.astype(np.float32)})()

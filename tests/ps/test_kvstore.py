@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 
-from disttrain.ps import client, protocol
 from tests.ps.inprocess import job, run_workers
 
 
@@ -35,24 +34,6 @@ def test_chunked_keys_round_trip_exactly_across_three_servers():
         store.pushpull(grads, {n: outs[n] for n in grads}, 0, lr=0.25)
         for name in grads:
             np.testing.assert_array_equal(outs[name], arrays[name] - arrays[name].dtype.type(0.25))
-
-
-def test_small_whole_chunks_travel_packed_in_frames_of_at_most_frame_bytes():
-    def whole(n, dtype=np.float32):
-        array = np.full(n, n, dtype)
-        return ("k", None, [("dense", 0, array)], array.nbytes)
-    near_frame = protocol.FRAME_BYTES // 4 * 3 // 4   # float32 elements: 3/4 of a frame
-    big = np.zeros(protocol.FRAME_BYTES // 2, np.float32)   # two frames
-    entries = [whole(3), whole(5), ("k", None, [], 8),                 # no gradient: alone
-               whole(2), whole(4, np.float64), whole(6, np.float64),   # new dtype, new pack
-               ("k", None, [("dense", 0, big[:len(big) // 2]), ("dense", len(big) // 2,
-                                                               big[len(big) // 2:])], big.nbytes),
-               whole(near_frame), whole(near_frame), whole(7)]          # a pack <= one frame
-    payloads = client._payloads(entries)
-    assert [(p.kind, p.key, p.spans and [k for k, _, _ in p.spans]) for p in payloads] == [
-        ("packed", 0, [0, 1]), ("dense", 3, None), ("packed", 4, [4, 5]),
-        ("dense", 6, None), ("dense", 6, None), ("dense", 7, None), ("packed", 8, [8, 9])]
-    np.testing.assert_array_equal(payloads[0].array, [3, 3, 3, 5, 5, 5, 5, 5])
 
 
 def test_sparse_rows_round_trip_exactly_and_only_named_rows_change():

@@ -60,7 +60,7 @@ def make_optimizer(name, params):
 
 
 def train(optimizer_name="sgd", steps=20, batch=8, mode="sync", staleness=0, sleep=0.0,
-          log_clocks=None):
+          fail=None):
     """Train and return (final parameters by name, losses). Worker r of N takes rows
     [t*N*batch + r*batch, ... + batch) at step t: together they see what one process with
     batch N*batch sees."""
@@ -81,7 +81,9 @@ def train(optimizer_name="sgd", steps=20, batch=8, mode="sync", staleness=0, sle
             print(f"step {step} loss {losses[-1]:.5f}", flush=True)
             if sleep:
                 time.sleep(sleep)
-        parameters = model.state_dict()
+            if fail == (parallel.rank, step):
+                raise RuntimeError(f"worker {parallel.rank} fails on purpose at step {step}")
+        parameters = parallel.state_dict()
     return parameters, losses
 
 
@@ -93,10 +95,12 @@ def main():
     parser.add_argument("--mode", default="sync")
     parser.add_argument("--staleness", type=int, default=0)
     parser.add_argument("--sleep", type=float, default=0.0)
+    parser.add_argument("--fail", help="RANK:STEP: that worker raises after that step")
     parser.add_argument("--out", required=True, help="directory for params-RANK.npz")
     args = parser.parse_args()
     parameters, losses = train(args.optimizer, args.steps, args.batch, args.mode,
-                               args.staleness, args.sleep)
+                               args.staleness, args.sleep,
+                               args.fail and tuple(map(int, args.fail.split(":"))))
     rank = os.environ.get("DISTTRAIN_RANK", "0")
     np.savez(os.path.join(args.out, f"params-{rank}.npz"), losses=np.array(losses), **parameters)
 

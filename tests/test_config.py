@@ -1,0 +1,80 @@
+"""Every DISTTRAIN_* variable is read by disttrain.config: parsed once, with an error naming
+the variable and its value when the value cannot be used."""
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from disttrain import config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_launcher_environment_is_parsed_into_typed_fields():
+    settings = config.from_env({
+        "DISTTRAIN_ROLE": "server", "DISTTRAIN_SCHEDULER": "10.0.0.1:9000",
+        "DISTTRAIN_NUM_WORKERS": "4", "DISTTRAIN_NUM_SERVERS": "2", "DISTTRAIN_DEVICE": "cuda:1",
+        "DISTTRAIN_RANK": "3", "DISTTRAIN_HOST": "10.0.0.2", "DISTTRAIN_HEARTBEAT_TIMEOUT": "2.5",
+        "DISTTRAIN_TIMEOUT": "60", "DISTTRAIN_REALTIME": "1", "DISTTRAIN_KEYS": "/job/keys",
+        "PATH": "/bin"})
+    assert settings == config.Config(
+        role="server", scheduler="10.0.0.1:9000", num_workers=4, num_servers=2, device="cuda:1",
+        rank=3, host="10.0.0.2", heartbeat_timeout=2.5, timeout=60.0, realtime=True,
+        keys="/job/keys")
+
+
+def test_unset_and_empty_variables_take_the_documented_defaults():
+    empty = {config.variable(f.name): "" for f in dataclasses.fields(config.Config)}
+    for environ in ({}, empty):
+        settings = config.from_env(environ)
+        assert (settings.role, settings.rank, settings.host, settings.device, settings.timeout,
+                settings.heartbeat_timeout, settings.realtime) == \
+            (None, None, None, "cpu", 300.0, 10.0, False)
+
+
+def test_the_config_is_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.from_env({}).rank = 1
+
+
+@pytest.mark.parametrize("variable, value, message", [
+    ("DISTTRAIN_ROLE", "boss", "DISTTRAIN_ROLE='boss' must be one of scheduler, server, worker"),
+    ("DISTTRAIN_SCHEDULER", "localhost", "DISTTRAIN_SCHEDULER='localhost' must be host:port"),
+    ("DISTTRAIN_SCHEDULER", ":9000", "DISTTRAIN_SCHEDULER=':9000' must be host:port"),
+    ("DISTTRAIN_NUM_WORKERS", "two", "DISTTRAIN_NUM_WORKERS='two' must be a non-negative integer"),
+    ("DISTTRAIN_NUM_SERVERS", "-1", "DISTTRAIN_NUM_SERVERS='-1' must be a non-negative integer"),
+    ("DISTTRAIN_RANK", "1.0", "DISTTRAIN_RANK='1.0' must be a non-negative integer"),
+    ("DISTTRAIN_DEVICE", "gpu", "DISTTRAIN_DEVICE='gpu' must be cpu or cuda:N"),
+    ("DISTTRAIN_DEVICE", "cuda:x", "DISTTRAIN_DEVICE='cuda:x' must be cpu or cuda:N"),
+    ("DISTTRAIN_TIMEOUT", "soon", "DISTTRAIN_TIMEOUT='soon' is not a number of seconds"),
+    ("DISTTRAIN_TIMEOUT", "0", "DISTTRAIN_TIMEOUT='0' must be positive"),
+    ("DISTTRAIN_HEARTBEAT_TIMEOUT", "-3", "DISTTRAIN_HEARTBEAT_TIMEOUT='-3' must be positive"),
+    ("DISTTRAIN_HEARTBEAT_TIMEOUT", "nan", "DISTTRAIN_HEARTBEAT_TIMEOUT='nan' must be positive"),
+    ("DISTTRAIN_REALTIME", "yes", "DISTTRAIN_REALTIME='yes' must be 0 or 1"),
+])
+def test_a_bad_value_is_refused_naming_the_variable_and_the_value(variable, value, message):
+    with pytest.raises(config.ConfigError) as error:
+        config.from_env({variable: value})
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("field, message", [
+    ("scheduler", "DISTTRAIN_SCHEDULER='' must be host:port"),
+    ("num_workers", "DISTTRAIN_NUM_WORKERS='' must be a non-negative integer"),
+])
+def test_a_required_setting_that_is_unset_names_its_variable(field, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.from_env({}).required(field)
+    assert config.from_env({"DISTTRAIN_NUM_WORKERS": "0"}).required("num_workers") == 0
+
+
+def test_only_the_config_module_reads_disttrain_variables():
+    # The launcher writes them for its children and tests set them; disttrain, launch and
+    # the worker programs read them only through disttrain.config.
+    readers = subprocess.run(
+        ["grep", "-rlE", r"environ(\.get)?[\[(]\s*[\"']DISTTRAIN_|getenv\([\"']DISTTRAIN_",
+         "disttrain", "launch", "workers"], cwd=ROOT, capture_output=True, text=True)
+    assert readers.returncode in (0, 1), readers.stderr
+    assert readers.stdout.split() == []
