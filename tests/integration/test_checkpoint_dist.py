@@ -4,13 +4,13 @@ server and worker counts) to exactly the weights and optimizer moments of an unb
 
 import os
 import signal
-import time
 
 import numpy as np
 import pytest
 
 from disttrain import checkpoint_dist
 from tests.integration.conftest import PYTHON, ROOT, kill_tagged, new_tag, wait_for_no_tagged
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -44,13 +44,8 @@ def run_job(launch_run, workers, servers, command, *options, expect=0):
     return run
 
 
-def wait_for(condition, what, deadline_s=DEADLINE_S):
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if condition():
-            return
-        time.sleep(0.05)
-    pytest.fail(f"{what} did not happen within {deadline_s:g} s")
+def wait_for(condition, what):
+    wait_until(condition, DEADLINE_S, what)
 
 
 def crash_after_checkpoint(launch_run, tmp_path, directory, optimizer, servers, step):
@@ -62,7 +57,7 @@ def crash_after_checkpoint(launch_run, tmp_path, directory, optimizer, servers, 
     run = launch_run(argv(tag, 2, servers, command, "--env", f"DISTTRAIN_TEST_PAUSE_AT={step}",
                           "--env", f"DISTTRAIN_TEST_MARKER={marker}"), tag)
     wait_for(lambda: all(os.path.exists(f"{marker}.{rank}") for rank in range(2)) or
-             run.popen.poll() is not None, "the checkpoint of step {step}")
+             run.popen.poll() is not None, f"the checkpoint of step {step}")
     assert run.popen.poll() is None, run.popen.communicate()[1][-4000:]
     os.killpg(run.popen.pid, signal.SIGKILL)
     kill_tagged(tag)

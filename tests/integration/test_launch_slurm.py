@@ -242,16 +242,17 @@ def test_a_preempted_requeue_job_checkpoints_and_resumes_by_itself(slurm_env, la
                        check=True)
         # Slurm holds a requeued batch job for about two minutes before it is eligible again
         # (moving its start time earlier gets it killed: "Job credential revoked").
-        end = time.monotonic() + REQUEUE_DEADLINE_S
-        while not (slurm_job_field(env, job_id, "JobState") == "COMPLETED" and
-                   slurm_job_field(env, job_id, "Restarts") == "1"):
-            if time.monotonic() > end or \
-                    slurm_job_field(env, job_id, "JobState") in ("FAILED", "CANCELLED", "TIMEOUT"):
-                shown = subprocess.run(["scontrol", "show", "job", job_id], env=env,
-                                       capture_output=True, text=True, timeout=10).stdout
-                pytest.fail(f"no requeued run completed within {REQUEUE_DEADLINE_S:g} s:\n"
-                            f"{shown}\n{output.read_text()[-4000:] if output.exists() else ''}")
-            time.sleep(0.2)
+        def requeued_run_ended():
+            state = slurm_job_field(env, job_id, "JobState")
+            if state in ("FAILED", "CANCELLED", "TIMEOUT"):
+                return state
+            return state == "COMPLETED" and slurm_job_field(env, job_id, "Restarts") == "1"
+
+        def report():
+            shown = subprocess.run(["scontrol", "show", "job", job_id], env=env,
+                                   capture_output=True, text=True, timeout=10).stdout
+            return f"the requeued run\n{shown}\n{output.read_text()[-4000:] if output.exists() else ''}"
+        assert wait_until(requeued_run_ended, REQUEUE_DEADLINE_S, report) is True, report()
         text = output.read_text()
         assert "exit 75;" in text and "at step " in text, text[-4000:]
         checkpoints.assert_same_state(expected, checkpoints.final_state(directory))
