@@ -137,8 +137,10 @@ def prune(directory, keep):
 
 
 def key_layout(store):
-    """{key: {shape, dtype, sparse, chunks: [[index, server, row_start, row_stop], ...]}}."""
+    """{key: {shape, dtype, sparse, average, chunks: [[index, server, row_start, row_stop],
+    ...]}}; an average key holds buffers averaged over the workers, not a parameter."""
     return {name: {"shape": list(shape), "dtype": dtype.name, "sparse": bool(sparse),
+                   "average": name in store.averaged,
                    "chunks": [[c.index, c.server, c.row_start, c.row_stop] for c in chunks]}
             for name, (shape, dtype, sparse, chunks) in store.specs.items()}
 
@@ -402,7 +404,9 @@ def export(path, out):
     named as in the model's state_dict(): loadable by dt.load, by `safetensors` (numpy or
     torch) and hence by PyTorch."""
     step_dir = resolve(path)
-    weights = {name: entry["param"] for name, entry in full_state(step_dir).items()}
+    layout = snapshot.read_manifest(step_dir)["layout"]
+    weights = {name: entry["param"] for name, entry in full_state(step_dir).items()
+               if not layout.get(name, {}).get("average")}
     if snapshot.read_manifest(step_dir)["servers"]:   # buffers (BatchNorm statistics): rank 0's
         weights.update(checkpoint.load(step_dir / worker_file(0))["buffers"])
     checkpoint.save(weights, out)

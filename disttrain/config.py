@@ -5,6 +5,7 @@ import os
 from dataclasses import dataclass, fields
 
 ROLES = ("scheduler", "server", "worker")
+OBSERVED = ("report", "trace")   # what the launcher may ask its processes to send it
 
 
 class ConfigError(ValueError):
@@ -24,6 +25,9 @@ class Config:
     timeout: float = 300.0       # DISTTRAIN_TIMEOUT, s: the deadline of any blocking wait
     realtime: bool = False       # DISTTRAIN_REALTIME=1: servers at real-time priority
     keys: str = None             # DISTTRAIN_KEYS: directory of the job's CURVE keys
+    metrics_dir: str = None      # DISTTRAIN_METRICS_DIR: where per-step JSON lines go
+    observe: frozenset = frozenset()   # DISTTRAIN_OBSERVE: report,trace (set by the launcher)
+    progress: bool = True        # DISTTRAIN_PROGRESS=0: no progress bars
 
     def required(self, name):
         """The value of field `name`; unset, the ConfigError its parser gives ''."""
@@ -86,10 +90,18 @@ def _text(name, value):
     return value
 
 
+def _observed(name, value):
+    wanted = frozenset(value.split(","))
+    if not wanted <= set(OBSERVED):
+        raise ConfigError(f"{variable(name)}={value!r} must be a comma-separated list of "
+                          f"{', '.join(OBSERVED)} (python -m launch sets it)")
+    return wanted
+
+
 _PARSERS = {"role": _role, "scheduler": _address, "num_workers": _count,
             "num_servers": _count, "device": _device, "rank": _count, "host": _text,
             "heartbeat_timeout": _seconds, "timeout": _seconds, "realtime": _flag,
-            "keys": _text}
+            "keys": _text, "metrics_dir": _text, "observe": _observed, "progress": _flag}
 
 
 def from_env(environ=None):

@@ -1,8 +1,13 @@
 """DataParallel: the one object a worker program wraps its model and optimizer with. Alone it
 trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server."""
+import time
+
 import numpy as np
 
 from disttrain import backend, config
+from disttrain.buffer_average import BufferAverage
+from disttrain.observe.steps import StepTimer
+from disttrain.observe.trace import Tracer
 from disttrain.ps import client, membership, protocol
 
 BUCKET_BYTES = 1 << 20  # about where a message's fixed cost falls below its transfer time
@@ -63,12 +68,20 @@ class DataParallel:
     A parameter with no gradient in a step is pushed as "none" and left as it is.
     ``bucket_bytes=0`` sends every parameter in a message of its own.
 
+    Floating-point buffers (BatchNorm's running statistics) are averaged over the workers
+    at every clock through one extra key (see ``buffer_average.BufferAverage``), so each
+    worker's, and the saved model's, statistics describe all the data.
+
+    ``self.timer`` (disttrain.observe.steps.StepTimer) splits each step into compute, push,
+    pull and apply. ``metrics_dir``: rank 0 tells the servers to write their metrics lines
+    there (default: DISTTRAIN_METRICS_DIR, which the servers also read themselves).
+
     ``checkpoints``: a ``checkpoint_dist.Checkpoints``; rank 0 then loads the newest usable
     checkpoint into the servers right after init, before anyone pulls.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
-                 bucket_bytes=BUCKET_BYTES, checkpoints=None):
+                 bucket_bytes=BUCKET_BYTES, metrics_dir=None, checkpoints=None):
         if mode not in protocol.MODES:
             raise ValueError(f"DataParallel: mode {mode!r} is not one of {protocol.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
@@ -81,11 +94,13 @@ class DataParallel:
         self.checkpoints = checkpoints   # a checkpoint_dist.Checkpoints to resume from / write
         self.rank, self.num_workers, self.num_servers, self.clock = 0, 1, 0, 0
         settings = config.from_env()
+        self.metrics_dir = metrics_dir or settings.metrics_dir
         if settings.role not in (None, "worker"):
             raise RuntimeError(f"DataParallel runs in worker programs, but "
                                f"DISTTRAIN_ROLE={settings.role!r}")
         self.is_distributed = settings.role == "worker"
         self._closed = False
+        self.timer = StepTimer()   # the time split of each step (disttrain.observe.steps)
         if self.is_distributed:
             self._connect(settings)
 
@@ -98,6 +113,9 @@ class DataParallel:
             self.num_servers = len(book["server"])
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
+            self.timer = StepTimer(self.rank, Tracer(self._membership.clock)
+                                   if "trace" in settings.observe else None, self._store,
+                                   report="report" in settings.observe)
             self._params = dict(self.model.named_parameters())
             self._lr_group = {id(p): i for i, g in enumerate(self.optimizer.param_groups)
                               for p in g["params"]}
@@ -106,9 +124,12 @@ class DataParallel:
             self._bucket_of = {id(p): b for b in self._buckets for p in b.params}
             for name, p in self._params.items():
                 self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
+            self._averaged = BufferAverage(self.model, self._store)   # BatchNorm statistics
             if self.rank == 0:
-                self._store.init({n: backend.to_numpy(p.data) for n, p in self._params.items()},
-                                 self.optimizer.config(), self.mode, self.staleness)
+                self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                                  **self._averaged.initial()},
+                                 self.optimizer.config(), self.mode, self.staleness,
+                                 {"metrics_dir": self.metrics_dir} if self.metrics_dir else None)
                 if self.checkpoints is not None:   # servers load a checkpoint, if there is one
                     self.checkpoints.restore_servers(self)
             self._membership.barrier("worker")
@@ -166,8 +187,9 @@ class DataParallel:
     def _pull(self, names, rows=None):
         """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
         outs = {name: _pull_target(self._params[name].data) for name in names}
-        self._store.pull_async(outs, self.clock, rows).wait()
+        waited = self.timer.wait_for([self._store.pull_async(outs, self.clock, rows)])
         self._store_pulled(outs)
+        self.timer.add("apply", waited, time.perf_counter())
 
     def _store_pulled(self, outs):
         for name, out in outs.items():
@@ -179,15 +201,17 @@ class DataParallel:
         """Send a bucket's gradients. A dense bucket's message asks for the weights of the
         next clock too (pushpull: one message per bucket and step, not two); the reply is
         written into the pull targets when step() waits for it."""
+        started = time.perf_counter()
         bucket.pushed = True
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
         if bucket.names[0] in self._sparse:   # its rows are pulled by the next forward
             self._pending.append(self._store.push_async(bucket.gradients(), self.clock, lr))
-            return
+            return self.timer.add("push", started, time.perf_counter())
         targets = bucket.pull_targets()
         self._pending.append(self._store.pushpull_async(bucket.gradients(), targets,
                                                         self.clock, lr))
         self._pulled.append(targets)
+        self.timer.add("push", started, time.perf_counter())
 
     def _on_grad_ready(self, tensor):
         bucket = self._bucket_of[id(tensor)]
@@ -212,8 +236,12 @@ class DataParallel:
         self.optimizer.zero_grad()
 
     def step(self):
+        self.timer.step_entered()
         if not self.is_distributed:
-            return self.optimizer.step()
+            started = time.perf_counter()
+            self.optimizer.step()
+            self.timer.add("apply", started, time.perf_counter())
+            return self.timer.step_done()
         # Buckets with no gradient this step still send an empty push: sync servers count N.
         for bucket in self._buckets:
             if not bucket.pushed:
@@ -222,11 +250,14 @@ class DataParallel:
             bucket.ready.clear()
         pending, self._pending = self._pending, []
         pulled, self._pulled = self._pulled, []
+        self._averaged.send(pending)
         self.clock += 1
-        for handle in pending:
-            handle.wait()
+        waited = self.timer.wait_for(pending)
         for targets in pulled:
             self._store_pulled(targets)
+        self._averaged.receive()
+        self.timer.add("apply", waited, time.perf_counter())
+        self.timer.step_done()
 
     def close(self, failed=False):
         """Leave the job. Normally: wait for what is in flight, pull sparse tables whole
@@ -248,6 +279,7 @@ class DataParallel:
                 self._membership.goodbye()
         finally:
             self._closed = True
+            self.timer.close()
             self._store.close()
             self._membership.close()
 

@@ -29,6 +29,25 @@ def is_grad_enabled():
     return _grad_enabled
 
 
+def _sum_repeated_rows(rows, row_grads):
+    """(sorted unique rows, their summed gradients) on numpy: each row's first gradient is
+    copied and its repeats added with one flat add.at, in order (so the sums equal a
+    sequential add.at's bit for bit): np.add.at over whole rows is far slower, and was most
+    of word2vec's step (docs/performance.md)."""
+    order = np.argsort(rows, kind="stable")
+    sorted_rows, ordered = rows[order], row_grads[order]
+    first = np.ones(len(rows), bool)
+    first[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    values = ordered[first]
+    repeats = np.flatnonzero(~first)
+    if len(repeats):
+        row_size = values[0].size
+        segment = np.cumsum(first)[repeats] - 1           # the unique row each repeat adds to
+        flat = (segment[:, None] * row_size + np.arange(row_size)).reshape(-1)
+        np.add.at(values.reshape(len(values), -1).reshape(-1), flat, ordered[repeats].reshape(-1))
+    return sorted_rows[first].astype(np.int64), values
+
+
 class RowSparseGrad:
     """Gradient of a row-indexed array: only ``values`` at rows ``indices`` are non-zero.
 
@@ -47,6 +66,8 @@ class RowSparseGrad:
         xp = backend.array_module(row_grads)
         rows = rows.reshape(-1)
         row_grads = row_grads.reshape((rows.shape[0],) + tuple(shape[1:]))
+        if xp is np:
+            return cls(*_sum_repeated_rows(rows, row_grads), shape)
         unique, inverse = xp.unique(rows, return_inverse=True)
         values = xp.zeros((unique.shape[0],) + tuple(shape[1:]), dtype=row_grads.dtype)
         xp.add.at(values, inverse.reshape(-1), row_grads)

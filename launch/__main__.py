@@ -7,6 +7,7 @@ import shlex
 import sys
 
 from launch import local, slurm, ssh
+from launch.observe import Collector
 from launch.hosts import parse_host_list, read_hostfile
 from launch.lifecycle import STOP_GRACE_S, Job
 from launch.placement import assign_environment, parse_env_assignments, place
@@ -46,6 +47,9 @@ def build_parser():
     parser.add_argument("--port", type=int, help="scheduler port (default: a free one)")
     parser.add_argument("--ps-command", default=f"{shlex.quote(sys.executable)} -m disttrain.ps",
                         help="program run as scheduler and servers (default: %(default)s)")
+    parser.add_argument("--timeline", metavar="FILE",
+                        help="write a Chrome trace-event timeline of every worker and server "
+                             "(Perfetto, chrome://tracing) to FILE")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_S,
                         help="seconds between SIGTERM and SIGKILL when stopping (default %(default)g)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... run by every worker")
@@ -100,6 +104,10 @@ def plan(args, environ):
         scheduler = f"{hosts[0].address}:{port}"
     assign_environment(processes, scheduler, args.device,
                        parse_env_assignments(args.env), environ)
+    for process in processes:
+        # Every process reports at its end (the straggler report); with --timeline it
+        # sends its trace events too, both as marked lines of its output.
+        process.env["DISTTRAIN_OBSERVE"] = "report,trace" if args.timeline else "report"
     if args.bind:
         # Pinned workers cannot step aside for a server thread woken on their core; a
         # real-time server preempts them at once (see use_realtime_priority, disttrain/ps/__main__.py).
@@ -120,7 +128,8 @@ def main(argv=None):
     except (ValueError, RuntimeError, OSError) as error:
         print(error if str(error).startswith("launch:") else f"launch: {error}", file=sys.stderr)
         return 2
-    return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace).run()
+    return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace,
+               collector=Collector(args.timeline)).run()
 
 
 if __name__ == "__main__":

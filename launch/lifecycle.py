@@ -2,6 +2,7 @@
 them all when the workers are done, when one process fails, or on Ctrl-C/SIGTERM."""
 
 import contextlib
+import functools
 import os
 import selectors
 import signal
@@ -52,8 +53,9 @@ class Child:
     def name(self):
         return self.process.name
 
-    def start(self, log_file):
+    def start(self, log_file, collector=None):
         prefix = prefix_for(self.name)
+        divert = functools.partial(collector.take, self.name) if collector else None
         stdin = subprocess.PIPE if self.command.stopped_by_closing_stdin else subprocess.DEVNULL
         with pinned_to(self.command.cpu):
             # A session of its own: Ctrl-C at the terminal reaches only us, and we
@@ -61,8 +63,8 @@ class Child:
             self.popen = subprocess.Popen(
                 self.command.argv, env=self.command.env, stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-        self.relays[self.popen.stdout.fileno()] = LinePrefixer(prefix, sys.stdout.buffer, log_file)
-        self.relays[self.popen.stderr.fileno()] = LinePrefixer(prefix, sys.stderr.buffer, log_file)
+        self.relays[self.popen.stdout.fileno()] = LinePrefixer(prefix, sys.stdout.buffer, log_file, divert)
+        self.relays[self.popen.stderr.fileno()] = LinePrefixer(prefix, sys.stderr.buffer, log_file, divert)
 
     def poll(self):
         if self.returncode is None and self.popen is not None:
@@ -127,8 +129,9 @@ class Job:
     """The children of one launch and the rules that end it: all workers exited 0
     (exit 0), any process exited non-zero (its code), or a signal to us (128+N)."""
 
-    def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S):
+    def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S, collector=None):
         self.children = [Child(process, command) for process, command in zip(processes, commands)]
+        self.collector = collector  # a launch.observe.Collector: timeline and reports
         self.log_dir = log_dir
         self.grace_s = grace_s
         self.selector = selectors.DefaultSelector()
@@ -166,8 +169,23 @@ class Job:
                 signal.signal(signum, handler)
             for log_file in self.log_files:
                 log_file.close()
+        self._report_observations()
         self._print_summary()
         return self.exit_code
+
+    def _report_observations(self):
+        if self.collector is None:
+            return
+        for line in self.collector.straggler_report():
+            self._say(line)
+        try:
+            path = self.collector.write_timeline([child.name for child in self.children])
+        except OSError as error:
+            self._say(f"cannot write the timeline: {error}")
+        else:
+            if path:
+                self._say(f"timeline written to {path} (open it in https://ui.perfetto.dev "
+                          f"or chrome://tracing)")
 
     def _start_all(self):
         if self.log_dir:
@@ -180,7 +198,7 @@ class Job:
                 log_file = open(os.path.join(self.log_dir, child.name.replace(" ", "-") + ".log"), "wb")
                 self.log_files.append(log_file)
             try:
-                child.start(log_file)
+                child.start(log_file, self.collector)
             except OSError as error:
                 self._fail(f"cannot start {child.name} ({' '.join(child.command.argv)}): {error}", 127)
                 return

@@ -9,8 +9,9 @@ class LinePrefixer:
     two children's output never mixes within one line.
     """
 
-    def __init__(self, prefix, sink, log_file=None):
+    def __init__(self, prefix, sink, log_file=None, divert=None):
         self.prefix = prefix.encode()
+        self.divert = divert  # divert(line) -> True takes a line away (launch.observe)
         self.sink = sink  # a binary stream: sys.stdout.buffer or sys.stderr.buffer
         self.log_file = log_file
         self.partial = b""
@@ -28,6 +29,8 @@ class LinePrefixer:
             self.partial = b""
 
     def _write(self, lines):
+        if self.divert is not None:
+            lines = [line for line in lines if not self.divert(line)]
         if self.sink is not None:
             try:
                 self.sink.write(b"".join(self.prefix + line + b"\n" for line in lines))

@@ -10,6 +10,7 @@ table's best-of-rounds figures are shown too, but their ratio can pair one run's
 with another's unlucky one (two consecutive runs here gave 0.90 and 0.99 that way).
 
     python scripts/bench_scaling.py [--steps 300] [--batch-size 64] [--repeats 5] [--no-bind]
+    python scripts/bench_scaling.py --observe     # the cost of --metrics-dir, --tensorboard, --timeline
 
 By default every run pins its k-th process to the k-th core: ours through `launch --bind`
 (which also runs the server at real-time priority where permitted), PyTorch's processes
@@ -19,10 +20,12 @@ and the independent ones directly. --no-bind leaves placement to the OS everywhe
 import argparse
 import json
 import os
+import resource
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,13 +65,148 @@ def mnist_flags(args):
             "--no-progress"]
 
 
-def ours_launched(workers, args):
-    """Total samples/s of `workers` workers (+ scheduler and one server) via the launcher."""
+def ours_launched(workers, args, observe_dir=None):
+    """Total samples/s of `workers` workers (+ scheduler and one server) via the launcher;
+    with observe_dir, with every observer on (metrics files, TensorBoard, timeline) there."""
     argv = [sys.executable, "-m", "launch", "-n", str(workers), "-s", "1"]
     if args.bind:
         argv.append("--bind")
-    stdout = run(argv + ["--", sys.executable, MNIST] + mnist_flags(args), clean_env())
+    flags = mnist_flags(args)
+    if observe_dir:
+        argv += ["--timeline", os.path.join(observe_dir, "timeline.json")]
+        flags += ["--metrics-dir", os.path.join(observe_dir, "metrics"),
+                  "--tensorboard", os.path.join(observe_dir, "tensorboard")]
+    stdout = run(argv + ["--", sys.executable, MNIST] + flags, clean_env())
     return last_json(stdout, "[worker 0] ")["samples_per_s"]
+
+
+def observer_cost(rounds=5, steps=40):
+    """CPU seconds of the observers' work per step (a worker's metrics line, TensorBoard
+    means, six trace spans, and the server's bookkeeping of the two requests of a 2-worker
+    LeNet step), against one local LeNet step (forward, backward, SGD) of this process;
+    measured alternately, in rounds. Returns (step s, observers s, their ratio) medians."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import disttrain as dt
+    from disttrain.nn import functional as F
+    from disttrain.observe import jsonl, tensorboard, trace
+    from disttrain.observe.server import ServerObserver
+    from disttrain.ps.protocol import Message, Payload
+    sys.path.insert(0, os.path.join(ROOT, "workers"))
+    import mnist
+
+    model = mnist.lenet()
+    optimizer = dt.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(0)
+    x = dt.tensor(rng.standard_normal((64, 1, 28, 28)).astype(np.float32))
+    y = rng.integers(0, 10, 64)
+
+    def train_step():
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    weights = np.zeros(61706, np.float32)   # LeNet's parameters, one packed frame
+    request = Message("pushpull", 1, "worker-0", ["p"] * 10, [Payload(0, "dense", 0, weights)],
+                      {"clock": 0, "rank": 0, "lr": 0.01})
+    replies = [(b"worker-0", Message("reply", 1, "server-0", ["p"] * 10,
+                                     [Payload(0, "dense", 0, weights)]))]
+    record = {"step": 0, "time": 0.0, "loss": 0.5, "lr": 0.01, "samples_per_s": 3000.0,
+              "accuracy": 0.5, "compute_s": 0.01, "push_s": 0.001, "pull_s": 0.002,
+              "apply_s": 0.0001, "step_s": 0.0131, "bytes_sent": 246824, "bytes_received": 246824}
+    saved_stderr = os.dup(2)
+    with tempfile.TemporaryDirectory(prefix="bench-observe-") as scratch:
+        lines = jsonl.JsonLines(os.path.join(scratch, "worker-0.jsonl"))
+        board = tensorboard.Board(os.path.join(scratch, "tb"), 10, scratch)
+        tracer = trace.Tracer()
+        server = ServerObserver(0, SimpleNamespace(keys={("p", 0): None}, num_workers=2,
+                                                   waiting_pulls=[]), metrics_dir=scratch)
+        clock = [0]
+
+        def observe_step():
+            record["step"] = record["step"] + 1
+            record["time"] = time.time()
+            lines.write(record)
+            board.step(record)
+            now = time.perf_counter()
+            for name in ("push", "pull wait", "apply", "apply", "compute", "step"):
+                tracer.span(name, now, now)
+            for rank in (0, 1):
+                request.meta.update(clock=clock[0], rank=rank)
+                server.handled(request, replies, now)
+            clock[0] += 1
+
+        def cpu_per_step(work):
+            start = time.process_time()
+            for _ in range(steps):
+                work()
+            return (time.process_time() - start) / steps
+
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)   # the trace batches would go to the launcher
+        try:
+            train_step()
+            step_s, observe_s = [], []
+            for _ in range(rounds):
+                step_s.append(cpu_per_step(train_step))
+                observe_s.append(cpu_per_step(observe_step))
+        finally:
+            os.dup2(saved_stderr, 2)
+            os.close(null)
+            lines.close()
+            board.close()
+    step, observers = statistics.median(step_s), statistics.median(observe_s)
+    return step, observers, step / (step + observers)
+
+
+def children_cpu_s():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def observe_overhead(args):
+    """The same 2-worker run with every observer on and off, in pairs back to back (order
+    alternating): the median of the paired ratios is `observe_ratio` (target >= 0.97).
+    Beside it, the CPU seconds of each whole job (every process, start-up included), which
+    other load on a shared machine moves much less than samples/s."""
+    on, off, cpu_on, cpu_off = [], [], [], []
+
+    def measure(samples, cpu, directory=None):
+        before = children_cpu_s()
+        samples.append(ours_launched(2, args, directory))
+        cpu.append(children_cpu_s() - before)
+
+    with tempfile.TemporaryDirectory(prefix="bench-observe-") as scratch:
+        for round_index in range(args.repeats):
+            directory = os.path.join(scratch, str(round_index))
+            pair = [lambda: measure(off, cpu_off), lambda: measure(on, cpu_on, directory)]
+            for run_one in (pair if round_index % 2 == 0 else pair[::-1]):
+                run_one()
+    ratios = paired(on, off)
+    cpu_ratios = paired(cpu_off, cpu_on)
+    step_cpu, observers_cpu, cost_ratio = observer_cost()
+    print(f"LeNet-5 on MNIST, 2 workers, 1 server, batch {args.batch_size}, {args.steps} steps, "
+          f"{len(os.sched_getaffinity(0))} cores, {args.repeats} rounds")
+    print(f"{'observers off, samples/s':32s} " + " ".join(f"{value:.0f}" for value in off))
+    print(f"{'observers on, samples/s':32s} " + " ".join(f"{value:.0f}" for value in on))
+    print(f"{'on / off, per round':32s} " + " ".join(f"{ratio:.3f}" for ratio in ratios))
+    print(f"{'job CPU s off':32s} " + " ".join(f"{value:.1f}" for value in cpu_off))
+    print(f"{'job CPU s on':32s} " + " ".join(f"{value:.1f}" for value in cpu_on))
+    print(f"observers on / off: {statistics.median(ratios):.3f} of the samples/s (median of "
+          f"{args.repeats} paired rounds), {statistics.median(cpu_ratios):.3f} of the CPU "
+          f"efficiency (off / on CPU seconds of the whole job)")
+    print(f"observers' CPU per step {1e6 * observers_cpu:.0f} us against a local LeNet step's "
+          f"{1e3 * step_cpu:.1f} ms: {cost_ratio:.3f} of the speed if nothing else moved")
+    print(json.dumps({"observe_ratio": round(statistics.median(ratios), 3),
+                      "observe_cost_ratio": round(cost_ratio, 4),
+                      "observe_cost_us_per_step": round(1e6 * observers_cpu, 1),
+                      "observe_ratio_rounds": [round(ratio, 3) for ratio in ratios],
+                      "observe_cpu_ratio": round(statistics.median(cpu_ratios), 3),
+                      "samples_per_s": {"off": [round(v, 1) for v in off],
+                                        "on": [round(v, 1) for v in on]}}))
 
 
 def pinned(index, bind):
@@ -186,6 +324,8 @@ def main():
     parser.add_argument("--no-bind", dest="bind", action="store_false",
                         help="do not pin processes to cores (launch without --bind)")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; each run keeps its best")
+    parser.add_argument("--observe", action="store_true",
+                        help="measure only the cost of the observers (JSON key observe_ratio)")
     parser.add_argument("--torch-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--torch-port", help=argparse.SUPPRESS)
@@ -195,6 +335,8 @@ def main():
         return torch_worker(args)
     if not os.path.exists(MNIST):
         sys.exit(f"bench_scaling: {MNIST} does not exist")
+    if args.observe:
+        return observe_overhead(args)
 
     runs = {
         "disttrain, 1 worker (launch)": lambda: ours_launched(1, args),

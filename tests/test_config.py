@@ -18,11 +18,14 @@ def test_a_launcher_environment_is_parsed_into_typed_fields():
         "DISTTRAIN_NUM_WORKERS": "4", "DISTTRAIN_NUM_SERVERS": "2", "DISTTRAIN_DEVICE": "cuda:1",
         "DISTTRAIN_RANK": "3", "DISTTRAIN_HOST": "10.0.0.2", "DISTTRAIN_HEARTBEAT_TIMEOUT": "2.5",
         "DISTTRAIN_TIMEOUT": "60", "DISTTRAIN_REALTIME": "1", "DISTTRAIN_KEYS": "/job/keys",
-        "PATH": "/bin"})
+        "DISTTRAIN_METRICS_DIR": "/job/metrics", "DISTTRAIN_OBSERVE": "report,trace",
+        "DISTTRAIN_PROGRESS": "0", "PATH": "/bin"})
     assert settings == config.Config(
         role="server", scheduler="10.0.0.1:9000", num_workers=4, num_servers=2, device="cuda:1",
         rank=3, host="10.0.0.2", heartbeat_timeout=2.5, timeout=60.0, realtime=True,
-        keys="/job/keys")
+        keys="/job/keys", metrics_dir="/job/metrics", observe=frozenset({"report", "trace"}),
+        progress=False)
+    assert config.from_env({"DISTTRAIN_OBSERVE": "report"}).observe == {"report"}
 
 
 def test_unset_and_empty_variables_take_the_documented_defaults():
@@ -30,8 +33,9 @@ def test_unset_and_empty_variables_take_the_documented_defaults():
     for environ in ({}, empty):
         settings = config.from_env(environ)
         assert (settings.role, settings.rank, settings.host, settings.device, settings.timeout,
-                settings.heartbeat_timeout, settings.realtime) == \
-            (None, None, None, "cpu", 300.0, 10.0, False)
+                settings.heartbeat_timeout, settings.realtime, settings.metrics_dir,
+                settings.observe, settings.progress) == \
+            (None, None, None, "cpu", 300.0, 10.0, False, None, frozenset(), True)
 
 
 def test_the_config_is_frozen():
@@ -53,6 +57,10 @@ def test_the_config_is_frozen():
     ("DISTTRAIN_HEARTBEAT_TIMEOUT", "-3", "DISTTRAIN_HEARTBEAT_TIMEOUT='-3' must be positive"),
     ("DISTTRAIN_HEARTBEAT_TIMEOUT", "nan", "DISTTRAIN_HEARTBEAT_TIMEOUT='nan' must be positive"),
     ("DISTTRAIN_REALTIME", "yes", "DISTTRAIN_REALTIME='yes' must be 0 or 1"),
+    ("DISTTRAIN_PROGRESS", "off", "DISTTRAIN_PROGRESS='off' must be 0 or 1"),
+    ("DISTTRAIN_OBSERVE", "report,timeline",
+     "DISTTRAIN_OBSERVE='report,timeline' must be a comma-separated list of report, trace"),
+    ("DISTTRAIN_OBSERVE", "report,", "DISTTRAIN_OBSERVE='report,' must be a comma-separated"),
 ])
 def test_a_bad_value_is_refused_naming_the_variable_and_the_value(variable, value, message):
     with pytest.raises(config.ConfigError) as error:

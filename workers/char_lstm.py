@@ -89,14 +89,14 @@ def main(argv=None):
     saved = harness.checkpoints(args)
     # Clipping changes gradients after backward(), so they are pushed in step(), not from hooks.
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness, overlap=False,
-                      checkpoints=saved) as trainer:
+                      metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
         # One "epoch" is as many windows as it takes to cover the training text once.
         per_epoch = max(1, len(train_ids) // (args.batch_size * args.seq_len * trainer.num_workers))
         last = int(args.epochs * per_epoch)
         last = min(last, args.max_steps) if args.max_steps else last
         position = harness.resume(saved, trainer, model, optimizer)
         first = position["step"] if position else 0
-        progress = harness.Progress(last, f"char_lstm rank {trainer.rank}", not args.no_progress)
+        monitor = harness.Monitor(args, trainer, last, f"char_lstm rank {trainer.rank}")
         losses, curve, start = [], [], time.perf_counter()
         for step in range(first, last):
             # Windows drawn from (seed, rank, step) alone: a resumed run sees the same data.
@@ -109,17 +109,19 @@ def main(argv=None):
             nn.utils.clip_grad_norm_(model.parameters(), args.clip)
             trainer.step()
             losses.append(loss.item())
-            progress.update(step + 1, args.batch_size, loss=np.mean(losses[-20:]))
+            monitor.step(step + 1, losses[-1], args.batch_size, shown_loss=np.mean(losses[-20:]))
             if trainer.rank == 0 and ((step + 1) % args.eval_every == 0 or step + 1 == last):
                 curve.append((step + 1, round(evaluate(model, val_ids, args.seq_len, args), 4),
                               round(time.perf_counter() - start, 1)))
                 print(f"step {step + 1} val_loss {curve[-1][1]:.4f} ({curve[-1][2]} s)", file=sys.stderr)
+                monitor.evaluation(step + 1, val_loss=curve[-1][1])
             # Windows depend on the step alone: the position is the step (epoch 0, start 0).
             position = {"epoch": 0, "start": 0, "epoch_end": (step + 1) % per_epoch == 0}
             if saved is not None and saved.after_step(step + 1, position, model, optimizer,
                                                       last=step + 1 == last):
+                monitor.close()
                 return harness.PREEMPTED_EXIT
-        progress.close()
+        monitor.close()
         wall = time.perf_counter() - start
         if trainer.rank == 0:
             print(generate(model, vocab, "ROMEO:", 200, args, seed=args.seed))

@@ -1,4 +1,5 @@
-"""What every worker program shares: the common flags, a progress bar, checkpoints and the JSON summary."""
+"""What every worker program shares: the common flags, a progress bar, per-step metrics,
+checkpoints and the JSON summary."""
 import argparse
 import json
 import math
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import disttrain as dt
 from disttrain import config
+from disttrain.observe import jsonl, tensorboard
 from disttrain.checkpoint_dist import PREEMPTED_EXIT, Checkpoints  # noqa: F401 (PREEMPTED_EXIT: for workers)
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
@@ -15,6 +17,10 @@ REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
 def parser(description, *, epochs, batch_size, lr):
     """An ArgumentParser holding the common worker flags of DESIGN.md, with per-model defaults."""
+    try:
+        settings = config.from_env()
+    except config.ConfigError as error:
+        sys.exit(f"error: {error}")
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--epochs", type=float, default=epochs, help="passes over the training data (fractions allowed)")
     p.add_argument("--batch-size", type=int, default=batch_size, help="per-worker batch size")
@@ -34,10 +40,23 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop at this step of the job, counted from its start across resumes")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
-    p.add_argument("--device", default=config.from_env().device,
+    p.add_argument("--device", default=settings.device,
                    help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
     p.add_argument("--loss-log", default=None, help="append 'step loss' lines to this file (rank 0)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar on stderr (also: DISTTRAIN_PROGRESS=0)")
+    p.add_argument("--metrics-dir", default=settings.metrics_dir,
+                   help="append per-step JSON lines to DIR/worker-RANK.jsonl; the servers "
+                        "write DIR/server-RANK.jsonl (see `python -m disttrain.plot`; "
+                        "default: $DISTTRAIN_METRICS_DIR, which the servers read too)")
+    p.add_argument("--tensorboard", default=None, metavar="DIR",
+                   help="rank 0 writes TensorBoard scalars to a new run directory in DIR "
+                        "(needs tensorboardX: pip install 'disttrain[observe]')")
+    p.add_argument("--tensorboard-every", type=int, default=10, metavar="STEPS",
+                   help="one TensorBoard point per this many steps (their mean)")
+    p.add_argument("--slow-ms", type=float, default=0.0,
+                   help="sleep this long every step on --slow-rank: a straggler, for tests")
+    p.add_argument("--slow-rank", type=int, default=0, help="the rank that --slow-ms slows down")
     return p
 
 
@@ -54,14 +73,28 @@ def prepare(args):
         sys.exit(f"error: --staleness must be >= 0, got {args.staleness}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         sys.exit(f"error: --device must be cpu or cuda:N, got {args.device!r}")
+    if args.slow_ms < 0 or args.tensorboard_every < 1:
+        sys.exit(f"error: --slow-ms must be >= 0 and --tensorboard-every >= 1, got "
+                 f"{args.slow_ms} and {args.tensorboard_every}")
+    args.tensorboard_run = None
+    if args.tensorboard:
+        tensorboard.require()
+        args.tensorboard_run = tensorboard.run_directory(args.tensorboard, Path(sys.argv[0]).stem or "run")
+    # The servers learn it from rank 0's init (pass it to DataParallel(metrics_dir=)): its
+    # own, or its TensorBoard run directory, where rank 0 reads their throughput.
+    args.servers_metrics_dir = args.metrics_dir or args.tensorboard_run
     dt.manual_seed(args.seed)
     dt.backend.keep_freed_memory()
 
 
 class Progress:
-    """A one-line progress bar on stderr: redrawn in place on a terminal, a line every 10 s otherwise."""
+    """A one-line progress bar on stderr, as tqdm does it: redrawn in place on a terminal; a
+    plain line every 10 s when stderr is a pipe or a file (batch logs, the launcher); off with
+    --no-progress or DISTTRAIN_PROGRESS=0. (tqdm itself would add a dependency for these
+    forty lines.)"""
 
     def __init__(self, total, label, enabled=True):
+        enabled = enabled and config.from_env().progress   # DISTTRAIN_PROGRESS=0: off
         self.total, self.label, self.enabled = total, label, enabled
         self.tty = sys.stderr.isatty()
         self.start = self.last_draw = time.perf_counter()
@@ -84,6 +117,74 @@ class Progress:
     def close(self):
         if self.enabled and self.tty:
             print(file=sys.stderr, flush=True)
+
+
+class Monitor:
+    """What a worker program reports each step: the progress bar, --loss-log, --metrics-dir
+    (one JSON line per step: loss, lr, samples/s and the step's time split from
+    DataParallel), --tensorboard (rank 0) and the --slow-ms straggler.
+
+        monitor = harness.Monitor(args, trainer, last, f"lenet rank {trainer.rank}")
+        for step, batch in ...:
+            ... trainer.step()
+            monitor.step(step + 1, loss.item(), len(x), shown_loss=..., accuracy=...)
+        monitor.close()
+    """
+
+    def __init__(self, args, trainer, total, label):
+        self.trainer = trainer
+        self.progress = Progress(total, label, not args.no_progress)
+        self.loss_log = LossLog(args, trainer)
+        self.file = jsonl.JsonLines(jsonl.worker_path(args.metrics_dir, trainer.rank)) \
+            if args.metrics_dir else None
+        self.board = None
+        if args.tensorboard and trainer.rank == 0:
+            self.board = tensorboard.Board(args.tensorboard_run, args.tensorboard_every,
+                                           args.metrics_dir or args.tensorboard_run)
+            print(f"tensorboard: writing {args.tensorboard_run} "
+                  f"(tensorboard --logdir {args.tensorboard})", file=sys.stderr)
+        self.slow_s = args.slow_ms / 1000 if trainer.rank == args.slow_rank else 0.0
+        trainer.timer.restart()   # what came before the first step is not a step
+        self.last = time.perf_counter()
+
+    def step(self, step, loss, samples, shown_loss=None, **values):
+        """After trainer.step(): `loss` of this step, `samples` this worker trained on,
+        `shown_loss` for the bar (a running mean), `values` more per-step figures (accuracy)."""
+        now = time.perf_counter()
+        step_s, self.last = now - self.last, now
+        self.loss_log.write(step, loss)
+        self.progress.update(step, samples, loss=loss if shown_loss is None else shown_loss)
+        if self.file is not None or self.board is not None:
+            # DataParallel's split of the step: compute_s + push_s + pull_s + apply_s, and
+            # step_s, measured from the end of the previous step() to the end of this one.
+            split = self.trainer.timer.last or {"step_s": step_s}
+            record = {"step": step, "time": round(time.time(), 6), "loss": loss,
+                      "lr": self.trainer.optimizer.param_groups[0]["lr"],
+                      "samples_per_s": samples / split["step_s"] if split["step_s"] > 0 else None,
+                      **values, **split}
+            if self.file is not None:
+                self.file.write(record)
+            if self.board is not None:
+                self.board.step(record)
+        if self.slow_s:
+            time.sleep(self.slow_s)
+
+    def evaluation(self, step, **values):
+        """Figures measured now and then (a validation loss, a test accuracy)."""
+        if self.file is not None:
+            self.file.write({"step": step, "time": round(time.time(), 4), "eval": values})
+        if self.board is not None:
+            for name, value in values.items():
+                if value is not None:
+                    self.board.scalar(f"eval/{name}", value, step)
+
+    def close(self):
+        self.progress.close()
+        self.loss_log.close()
+        if self.file is not None:
+            self.file.close()
+        if self.board is not None:
+            self.board.close()
 
 
 def on_device(array, args):

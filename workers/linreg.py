@@ -41,7 +41,7 @@ def main(argv=None):
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     saved = harness.checkpoints(args)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
-                      checkpoints=saved) as trainer:
+                      metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
         loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
                             shuffle=True, drop_last=True, seed=args.seed,
                             num_shards=trainer.num_workers, shard_index=trainer.rank)
@@ -51,7 +51,7 @@ def main(argv=None):
         first = position["step"] if position else 0
         last = harness.total_steps(loader, args)
         batches = harness.Batches(loader, first, last, position)
-        progress = harness.Progress(last, f"linreg rank {trainer.rank}", not args.no_progress)
+        monitor = harness.Monitor(args, trainer, last, f"linreg rank {trainer.rank}")
         losses, start = [], time.perf_counter()
         for step, (xb, yb) in batches:
             loss = F.mse_loss(model(harness.on_device(xb, args)), harness.on_device(yb, args))
@@ -60,10 +60,11 @@ def main(argv=None):
             trainer.step()
             schedule.step()
             losses.append(loss.item())
-            progress.update(step + 1, len(xb), loss=np.mean(losses[-20:]))
+            monitor.step(step + 1, losses[-1], len(xb), shown_loss=np.mean(losses[-20:]))
             if harness.after_step(saved, step + 1, batches, model, optimizer, schedule, last):
+                monitor.close()
                 return harness.PREEMPTED_EXIT
-        progress.close()
+        monitor.close()
         wall = time.perf_counter() - start
 
         w_exact, b_exact = closed_form(x[:n_train], y[:n_train])

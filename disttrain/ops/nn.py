@@ -246,6 +246,36 @@ def layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5):
                             lambda grad: _standardize_backward(grad, normalized, inv_std, axes))
 
 
+def _batch_norm_node(x, normalized, inv_std, weight, bias, per_channel, axes):
+    """batch_norm's graph node when it normalises with the batch's own statistics. Its
+    backward needs sum(g) and sum(g * normalized) per channel, which are also the bias and
+    weight gradients: computed once, they give x's gradient in seven passes over the data
+    instead of eleven for _standardize_backward composed with the affine rule."""
+    scale = weight.data.reshape(per_channel) if weight is not None else None
+    out = normalized * scale if scale is not None else normalized
+    if bias is not None:
+        out = out + bias.data.reshape(per_channel)
+
+    def backward(g):
+        count = g.size // g.shape[1]
+        sum_g = g.sum(axis=axes, keepdims=True)
+        sum_gn = (g * normalized).sum(axis=axes, keepdims=True)
+        grads = (None,)
+        if x.requires_grad:
+            # inv_std * (dn - mean(dn) - n * mean(dn * n)) with dn = g * scale, per channel
+            factor = inv_std * scale if scale is not None else inv_std
+            grad_x = g * factor
+            grad_x -= factor * (sum_g / count)
+            grad_x -= normalized * (factor * (sum_gn / count))
+            grads = (grad_x,)
+        if weight is not None:
+            grads += (sum_gn.reshape(-1) if weight.requires_grad else None,)
+        if bias is not None:
+            grads += (sum_g.reshape(-1) if bias.requires_grad else None,)
+        return grads
+    return Tensor.from_op(out, (x,) + tuple(p for p in (weight, bias) if p is not None), backward)
+
+
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
     """Batch normalisation of (N, C) or (N, C, H, W, ...) over every axis but the channel axis 1.
 
@@ -282,13 +312,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
         if training and running_var is not None:
             running_var *= 1 - momentum
             running_var += momentum * var.reshape(channels) * (count / (count - 1))
+        return _batch_norm_node(x, normalized, inv_std, weight, bias, per_channel, axes)
+    inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype, copy=False).reshape(per_channel)
+    normalized = (x.data - running_mean.reshape(per_channel)) * inv_std
 
-        def backward_normalized(grad):
-            return _standardize_backward(grad, normalized, inv_std, axes)
-    else:
-        inv_std = (1 / xp.sqrt(running_var + eps)).astype(x.dtype, copy=False).reshape(per_channel)
-        normalized = (x.data - running_mean.reshape(per_channel)) * inv_std
-
-        def backward_normalized(grad):  # the running statistics are constants
-            return grad * inv_std
+    def backward_normalized(grad):  # the running statistics are constants
+        return grad * inv_std
     return _scale_and_shift(x, normalized, weight, bias, per_channel, axes, backward_normalized)

@@ -58,7 +58,8 @@ def main():
         # new zeroed ones it costs no page faults (figure in docs/performance.md).
         backend.keep_freed_memory()
         return server.serve(Membership.from_config("server", settings), host=settings.host,
-                            rank=settings.rank)
+                            rank=settings.rank, observe=settings.observe,
+                            metrics_dir=settings.metrics_dir)
     raise SystemExit(f"disttrain: DISTTRAIN_ROLE={settings.role or ''!r}: `python -m "
                      f"disttrain.ps` runs 'scheduler' or 'server' (workers are your training "
                      f"program)")

@@ -1,6 +1,7 @@
 """The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
 push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,6 +12,7 @@ from disttrain.ps import protocol, transport
 from disttrain.ps.group import pack_payloads
 from disttrain.ps.layout import MAX_CHUNK_BYTES, Chunk, chunk_layout
 from disttrain.ps.protocol import Message
+from disttrain.tensor import RowSparseGrad
 
 
 @dataclass(slots=True)
@@ -36,6 +38,7 @@ class Handle:
         self.outstanding = set(requests)     # request ids still unanswered
         self.on_reply = on_reply             # called with each reply Message
         self.errors = []
+        self.applied = []                    # (start, end) of each on_reply call (observe)
 
     def done(self):
         if self.outstanding:
@@ -51,7 +54,9 @@ class Handle:
         if reply.op == "error":
             self.errors.append(f"{reply.sender}: {reply.meta.get('error')}")
         elif self.on_reply is not None:
+            started = time.perf_counter()
             self.on_reply(reply)
+            self.applied.append((started, time.perf_counter()))
 
     def wait(self):
         deadline = transport.Deadline(self.store.timeout, self.what)
@@ -86,16 +91,22 @@ class KVStore:
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]
+        self.averaged = set()  # names declared average=True (see declare)
         self.handles = {}      # request id -> Handle
         self._ids = itertools.count(1)
         self._poller = None
         self.sender = f"worker-{rank}"
         self.ask_checkpoint = False     # pushes say "checkpoint after this clock" (preempted)
         self.checkpoint_clock = None    # the first such clock any worker asked for
+        self.bytes_sent = self.bytes_received = 0   # payload bytes, for the metrics files
 
     # --- keys -------------------------------------------------------------------
-    def declare(self, name, shape, dtype, sparse=False):
+    def declare(self, name, shape, dtype, sparse=False, average=False):
+        """average=True: the servers keep the mean of the workers' pushed values instead of
+        applying the optimizer to them as gradients (buffers such as BatchNorm statistics)."""
         shape, dtype = tuple(int(n) for n in shape), np.dtype(dtype)
+        if average:
+            self.averaged.add(name)
         if dtype.name not in protocol.DTYPES:
             raise ValueError(f"key {name!r}: dtype {dtype} is not one of {protocol.DTYPES}")
         chunks = chunk_layout(name, shape, dtype, len(self.connections))
@@ -128,6 +139,7 @@ class KVStore:
                 handle.outstanding.add(request_id)
                 self.handles[request_id] = handle
                 payloads = pack_payloads(group)
+                self.bytes_sent += sum(payload.array.nbytes for payload in payloads)
                 message_meta = dict(meta, chunks=[entry.chunk.index for entry in group])
                 self.connections[server].send(Message(
                     op, request_id, self.sender, [entry.name for entry in group], payloads,
@@ -150,13 +162,9 @@ class KVStore:
             entries.append(Entry(name, chunk, [], nbytes))
 
     def _row_entries(self, name, rows, values, entries):
-        """Split sorted global rows (and their values, if any) by the chunk owning them."""
+        """Split global rows (and their values, if any) by the chunk owning them."""
         shape, dtype, _, chunks = self._spec(name)
-        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
-        if rows.size and (rows.min() < 0 or rows.max() >= (shape[0] if shape else 1)):
-            raise ValueError(f"key {name!r}: rows outside 0..{shape[0] - 1}")
-        if values is not None:
-            values = np.ascontiguousarray(values, dtype=dtype).reshape(len(rows), -1)
+        rows, values = _sorted_rows(name, shape, dtype, rows, values)
         bounds = np.searchsorted(rows, [c.row_start for c in chunks] + [chunks[-1].row_stop])
         row_bytes = max(1, int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize)
         rows_per_frame = max(1, protocol.FRAME_BYTES // row_bytes)
@@ -205,7 +213,8 @@ class KVStore:
         return on_reply
 
     # --- the API ----------------------------------------------------------------
-    def init_async(self, arrays, optimizer, mode="sync", staleness=0):
+    def init_async(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
+        """observe: {"metrics_dir": DIR} tells the servers where to write their metrics."""
         entries = []
         for name, array in arrays.items():
             self._dense_entries(name, np.asarray(array), entries)
@@ -213,7 +222,10 @@ class KVStore:
         for entry in entries:   # one message per chunk: each carries its key's spec
             shape, dtype, sparse, _ = self.specs[entry.name]
             meta = {"optimizer": optimizer, "mode": mode, "staleness": staleness,
-                    "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse}]}
+                    "specs": [{"shape": list(shape), "dtype": dtype.name, "sparse": sparse,
+                               "average": entry.name in self.averaged}]}
+            if observe:
+                meta["observe"] = observe
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
@@ -243,10 +255,10 @@ class KVStore:
         return self._send("push", f"push of clock {clock}", self._grad_entries(grads), meta)
 
     def pull_async(self, outs, clock, rows=None):
-        """outs: {name: array} written in place; rows: {name: sorted unique row indices}
-        pulls only those rows of a key. `clock` is this worker's clock: in sync mode the
+        """outs: {name: array} written in place; rows: {name: row indices} pulls only those
+        rows of a key (each written at its own index of the array, so their order is free). `clock` is this worker's clock: in sync mode the
         reply waits until every worker's pushes of earlier clocks were applied."""
-        rows = rows or {}
+        rows = rows or {}   # any order, repeats allowed: _sorted_rows puts them in order
         entries = []
         for name in outs:
             if name in rows:
@@ -263,8 +275,8 @@ class KVStore:
         return self._send("pushpull", f"pushpull of clock {clock}", self._grad_entries(grads),
                           meta, self._pull_into(outs))
 
-    def init(self, arrays, optimizer, mode="sync", staleness=0):
-        self.init_async(arrays, optimizer, mode, staleness).wait()
+    def init(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
+        self.init_async(arrays, optimizer, mode, staleness, observe).wait()
 
     def push(self, grads, clock, lr):
         self.push_async(grads, clock, lr).wait()
@@ -288,6 +300,7 @@ class KVStore:
             # One message per ready socket and call: the caller loops until its handle is done.
             reply = connection.receive_nowait() if connection.socket in ready else None
             if reply is not None:
+                self.bytes_received += sum(payload.array.nbytes for payload in reply.payloads)
                 handle = self.handles.pop(reply.id, None)
                 if handle is not None:
                     handle._answer(reply)
@@ -295,6 +308,34 @@ class KVStore:
     def close(self):
         for connection in self.connections:
             connection.close()
+
+
+def _sorted_rows(name, shape, dtype, rows, values):
+    """Rows as sorted unique int64, values as (rows, row elements) with a repeated row's
+    values summed: the order in which rows are split by chunk and checked by the servers.
+    No rows at all is valid (a push of them says "no gradient this clock")."""
+    rows = np.asarray(rows)
+    if rows.size and rows.dtype.kind not in "iu":
+        raise TypeError(f"key {name!r}: row indices must be integers, got dtype {rows.dtype}")
+    rows = rows.astype(np.int64, copy=False).reshape(-1)
+    num_rows = shape[0] if shape else 1
+    if rows.size and (rows.min() < 0 or rows.max() >= num_rows):
+        raise ValueError(f"key {name!r}: rows {rows.min()}..{rows.max()} outside the table's "
+                         f"0..{num_rows - 1}")
+    if values is not None:
+        row_size = int(np.prod(shape[1:], dtype=np.int64))
+        values = np.ascontiguousarray(values, dtype=dtype)
+        if values.size != rows.size * row_size:
+            raise ValueError(f"key {name!r}: {rows.size} rows but values of shape "
+                             f"{values.shape}; expected {(rows.size,) + tuple(shape[1:])}")
+        values = values.reshape(rows.size, row_size)
+    if rows.size > 1 and not (rows[1:] > rows[:-1]).all():
+        if values is None:
+            rows = np.unique(rows)
+        else:
+            summed = RowSparseGrad.from_rows(rows, values, (num_rows, values.shape[1]))
+            rows, values = summed.indices, summed.values
+    return rows, values
 
 
 def _pack(entries):

@@ -61,6 +61,7 @@ class Group:
     pending: dict = field(default_factory=dict)   # sync: clock -> server.Accumulator
     spare: list = field(default_factory=list)
     sparse = False
+    average = False   # members are parameters: average keys (KeyChunk.average) are never packed
 
 
 def packed_members(payload, keys, by_key, packed, server_rank):

@@ -6,6 +6,7 @@ import sys
 import threading
 import time
 
+from disttrain.observe.trace import ClockOffset
 from disttrain.ps import transport
 from disttrain.ps.protocol import Message
 
@@ -44,6 +45,7 @@ class Membership:
         self._stop = threading.Event()
         self._requests = transport.Connection(self.scheduler_address, self.node_id.encode())
         self._beats = None
+        self.clock = ClockOffset()   # the scheduler's clock minus ours, from heartbeats
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
@@ -96,13 +98,16 @@ class Membership:
         try:
             while not self._stop.is_set():
                 connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
-                                        meta={"node": self.node_id}))
+                                        meta={"node": self.node_id, "sent": time.time()}))
                 next_beat = time.monotonic() + interval
                 while time.monotonic() < next_beat and not self._stop.is_set():
                     notice = connection.receive(50)
                     if notice is None:
                         continue
                     last_answer = time.monotonic()
+                    if notice.op == "reply" and isinstance(notice.meta.get("time"), float) \
+                            and isinstance(notice.meta.get("sent"), float):
+                        self.clock.sample(notice.meta["sent"], time.time(), notice.meta["time"])
                     if notice.op == "dead":
                         return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
                     if notice.op == "shutdown":

@@ -39,13 +39,13 @@ class Scheduler:
         node = self.nodes.get(message.meta.get("node"))
         if node is None and message.op == "heartbeat":
             # The heartbeat thread starts before registration is answered.
-            return self.listener.send(identity, Message("reply", message.id, "scheduler"))
+            return self.listener.send(identity, _heartbeat_reply(message))
         if node is None:
             return self._error(identity, message, f"{message.op} from unregistered node "
                                                   f"{message.meta.get('node')!r}")
         node["last_seen"] = time.monotonic()
         if message.op == "heartbeat":
-            self.listener.send(identity, Message("reply", message.id, "scheduler"))
+            self.listener.send(identity, _heartbeat_reply(message))
         elif message.op == "barrier":
             self._barrier(identity, message)
         elif message.op == "goodbye":
@@ -164,3 +164,11 @@ class Scheduler:
         finally:
             # Linger so the dead / shutdown notices leave even on a busy machine.
             self.listener.close(linger_ms=2000)
+
+
+def _heartbeat_reply(message):
+    """The answer to a heartbeat carries our clock and echoes the sender's: the node
+    measures its offset to this clock from it (timelines of several hosts line up)."""
+    sent = message.meta.get("sent")
+    return Message("reply", message.id, "scheduler", meta={
+        "time": time.time(), "sent": sent if isinstance(sent, float) else None})

@@ -1,11 +1,13 @@
 """A parameter server: its state machine (keys, sync / async / ssp clocks, gradient
 accumulation, optimizer updates) that never touches a socket, and `serve()`, its loop."""
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
 from disttrain.ps import group as groups, protocol, snapshot, transport
@@ -34,6 +36,7 @@ class KeyChunk:
     spare: list = field(default_factory=list)    # gradient buffers to reuse (warm pages)
     group: "groups.Group" = None            # while set, `param` is a view into group.param
     # and the optimizer state and pending gradients live in the group
+    average: bool = False                   # pushes are values to average, not gradients
 
     @property
     def members(self):
@@ -133,14 +136,14 @@ class Accumulator:
         if self.first is None and self.dense is None:
             self.first = gradient
             return
-        flat = self._materialize().reshape(-1)
+        flat = self.materialize().reshape(-1)
         for offset, piece in gradient.pieces:
             flat[offset:offset + piece.size] += piece
 
     def add_rows(self, gradient):
         self.rows.append(gradient)
 
-    def _materialize(self):
+    def materialize(self):
         if self.dense is None:
             self.dense = _gather(self.target, self.first.pieces if self.first else ())
             self.first = None
@@ -166,7 +169,7 @@ class Accumulator:
                                              (self.target.param.shape[0],) + values.shape[1:])
             if self.dense is None and self.first is None:
                 return RowGradient(summed.indices, summed.values)
-            self._materialize()[summed.indices] += summed.values
+            self.materialize()[summed.indices] += summed.values
             return DenseSum(self.dense)
         if self.first is not None:
             return self.first
@@ -302,6 +305,7 @@ class ServerState:
             shape = tuple(int(n) for n in spec["shape"])
             dtype = np.dtype(spec["dtype"])
             sparse = bool(spec.get("sparse", False))
+            average = bool(spec.get("average", False))
         except (KeyError, TypeError, ValueError) as error:
             raise RequestError(f"init: bad spec {spec!r} for key {name!r}: {error}") from None
         if dtype.name not in protocol.DTYPES or any(n < 0 for n in shape):
@@ -312,8 +316,10 @@ class ServerState:
                                f"on server {self.rank}")
         chunk = layout[index]
         param = np.empty((chunk.row_stop - chunk.row_start, chunk.row_size), dtype=dtype)
+        if average and sparse:
+            raise RequestError(f"init: key {name!r} cannot be both sparse and average")
         return KeyChunk(name, shape, dtype, chunk, sparse, param,
-                        pushes=[0] * self.num_workers)
+                        pushes=[0] * self.num_workers, average=average)
 
     # --- payload checks -------------------------------------------------------
     @staticmethod
@@ -487,9 +493,22 @@ class ServerState:
         gradient = accumulator.total()
         if gradient is None:
             return
+        if target.average:
+            self._average(target, accumulator)
+            return
         optimizer = self.config["optimizer"]
         gradient.apply(target, rules.RULES[optimizer["name"]],
                        dict(optimizer["hyper"], lr=float(lr)), divisor)
+
+    def _average(self, key, accumulator):
+        """An average key (buffers such as BatchNorm statistics): sync stores the mean of the
+        N pushed values; async / ssp move the stored value 1/N of the way to each push."""
+        total = accumulator.materialize()
+        if self.config["mode"] == "sync":
+            np.divide(total, self.num_workers, out=key.param)
+        else:
+            key.param += (total - key.param) / self.num_workers
+        key.spare.append(total)
 
     # --- pull -----------------------------------------------------------------
     def _check_pull(self, message):
@@ -588,16 +607,20 @@ def _log_rejected(text):
 
 
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
-          rank=None):
+          rank=None, observe=frozenset(), metrics_dir=None):
     """A server process's loop: register (asking for `rank`, the launcher's, if given, and
     advertising `host`, else the address on the route to the scheduler), then answer requests
-    until the scheduler says shutdown (return 0) or reports a dead peer (return 1)."""
+    until the scheduler says shutdown (return 0) or reports a dead peer (return 1).
+    `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields)."""
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     listener = transport.Listener(host, max_message_bytes)
+    observer = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=rank)
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        observer = ServerObserver(membership.rank, state, membership.clock, observe,
+                                  metrics_dir)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
@@ -609,19 +632,24 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                     error.request_id, state.sender, str(error)))
                 continue
             if received is None:
+                observer.idle()
                 continue
             identity, message = received
+            started = time.perf_counter()
             try:
                 replies = state.handle(identity, message)
             except Exception as error:  # a bug must not take the job down silently
                 traceback.print_exc()
                 replies = [(identity, protocol.error_reply(
                     message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
+            observer.handled(message, replies, started)
             for route, reply in replies:
                 if reply.op == "error":
                     _log_rejected(reply.meta["error"])
                 listener.send(route, reply)
         return 0
     finally:
+        if observer is not None:
+            observer.close()
         listener.close()
         membership.close()

@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from tests.integration.conftest import (
-    TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
+    PYTHON, TOY_WORKER, launcher_argv, new_tag, wait_for_no_tagged, wait_for_program_pid)
 
 pytestmark = pytest.mark.slow
 
@@ -94,3 +94,19 @@ def test_bind_pins_remote_workers_through_the_guard(namespace_hosts, launch_run)
     reports, _ = worker_reports(run.stdout)
     first_core = sorted(os.sched_getaffinity(0))[0]
     assert [reports[rank]["affinity"] for rank in (0, 1)] == [[first_core], [first_core]]
+
+
+def test_timeline_and_straggler_report_come_back_from_every_host(namespace_hosts, launch_run, tmp_path):
+    """Trace events and reports travel in the processes' output, which ssh brings back."""
+    from tests.integration.test_observe import MNIST, timeline_tracks
+    tag = new_tag()
+    timeline = tmp_path / "timeline.json"
+    run = launch_run([PYTHON, "-m", "launch", "--env", f"DISTTRAIN_TEST_TAG={tag}", "-n", "2", "-s", "1",
+                      "-H", namespace_hosts.host_list([0, 1, 1]), "--remote-cmd", NETNS_TEMPLATE,
+                      "--timeline", str(timeline), "--", *MNIST, "--max-steps", "20",
+                      "--slow-ms", "60", "--slow-rank", "0"], tag)
+    assert run.finish(300) == 0, run.stderr[-3000:]
+    assert sorted(timeline_tracks(timeline).values()) == ["server 0", "worker 0", "worker 1"]
+    report = [line for line in run.stderr.splitlines() if line.startswith("launch:   worker")]
+    assert "<- straggler" in report[0] and "<- straggler" not in report[1], report
+    assert wait_for_no_tagged(tag) == []

@@ -258,4 +258,19 @@ def test_a_preempted_requeue_job_checkpoints_and_resumes_by_itself(slurm_env, la
         checkpoints.assert_same_state(expected, checkpoints.final_state(directory))
     finally:
         kill_tagged(tag)
+
+
+def test_timeline_and_straggler_report_come_back_through_srun(slurm_env, launch_run, tmp_path):
+    """Trace events and reports travel in the processes' output, which srun brings back."""
+    from tests.integration.test_observe import MNIST, timeline_tracks
+    tag = new_tag()
+    timeline = tmp_path / "timeline.json"
+    argv = [PYTHON, "-m", "launch", "--launcher", "slurm", "--env", f"{TAG_VARIABLE}={tag}",
+            "-s", "1", "--timeline", str(timeline), "--", *MNIST, "--max-steps", "20",
+            "--slow-ms", "60", "--slow-rank", "1"]
+    run = launch_run(argv, tag, prefix=salloc(2), env=slurm_env)
+    assert run.finish(300) == 0, run.stderr[-3000:]
+    assert sorted(timeline_tracks(timeline).values()) == ["server 0", "worker 0", "worker 1"]
+    report = [line for line in run.stderr.splitlines() if line.startswith("launch:   worker")]
+    assert "<- straggler" in report[1] and "<- straggler" not in report[0], report
     assert wait_for_no_tagged(tag) == []
