@@ -75,10 +75,13 @@ class DataParallel:
     ``self.timer`` (disttrain.observe.steps.StepTimer) splits each step into compute, push,
     pull and apply. ``metrics_dir``: rank 0 tells the servers to write their metrics lines
     there (default: DISTTRAIN_METRICS_DIR, which the servers also read themselves).
+
+    ``checkpoints``: a ``checkpoint_dist.Checkpoints``; rank 0 then loads the newest usable
+    checkpoint into the servers right after init, before anyone pulls.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
-                 bucket_bytes=BUCKET_BYTES, metrics_dir=None):
+                 bucket_bytes=BUCKET_BYTES, metrics_dir=None, checkpoints=None):
         if mode not in protocol.MODES:
             raise ValueError(f"DataParallel: mode {mode!r} is not one of {protocol.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
@@ -88,6 +91,7 @@ class DataParallel:
         self.model, self.optimizer = model, optimizer
         self.mode, self.staleness, self.overlap = mode, staleness, overlap
         self.bucket_bytes = bucket_bytes
+        self.checkpoints = checkpoints   # a checkpoint_dist.Checkpoints to resume from / write
         self.rank, self.num_workers, self.num_servers, self.clock = 0, 1, 0, 0
         settings = config.from_env()
         self.metrics_dir = metrics_dir or settings.metrics_dir
@@ -126,7 +130,11 @@ class DataParallel:
                                   **self._averaged.initial()},
                                  self.optimizer.config(), self.mode, self.staleness,
                                  {"metrics_dir": self.metrics_dir} if self.metrics_dir else None)
+                if self.checkpoints is not None:   # servers load a checkpoint, if there is one
+                    self.checkpoints.restore_servers(self)
             self._membership.barrier("worker")
+            if self.checkpoints is not None:
+                self.checkpoints.learn_restored(self)
             self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()

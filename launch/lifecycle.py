@@ -21,6 +21,9 @@ DRAIN_DEADLINE_S = 2.0  # output still buffered in pipes after the last exit
 SELF_EXIT_WAIT_S = 2.0
 POLL_S = 0.05
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# Exit code of a job stopped by SIGTERM (preemption) whose workers all wrote their
+# checkpoint and stopped with it (EX_TEMPFAIL): rerun the same command to resume.
+PREEMPTED_EXIT = 75
 
 
 @dataclass
@@ -145,6 +148,7 @@ class Job:
         self.kill_at = None
         self.stop_at = None  # when to stop scheduler and servers once all workers are done
         self.signal_received = None
+        self.preempting = False  # SIGTERM: workers checkpoint and stop first, then the rest
         self.kill_now = False
         self.started_at = None
 
@@ -158,6 +162,7 @@ class Job:
                 self._relay_output(POLL_S)
                 self._check_signal()
                 self._check_exits()
+                self._check_preempted_workers()
                 self._check_kill_deadline()
         finally:
             for child in self.children:
@@ -208,16 +213,43 @@ class Job:
                 self.selector.register(fd, selectors.EVENT_READ, child)
 
     def _on_signal(self, signum, frame):
-        if self.signal_received is not None:
-            # A second Ctrl-C: the user does not want to wait for the grace period.
+        if self.signal_received is not None and (signum, self.signal_received) != \
+                (signal.SIGTERM, signal.SIGTERM):
+            # A second Ctrl-C: the user does not want to wait for the grace period. (Slurm
+            # may send a preemption's SIGTERM to the batch script and to us: that is one.)
             self.kill_now = True
-        self.signal_received = signum
+        if self.signal_received is None or signum != signal.SIGTERM:
+            self.signal_received = signum
 
     def _check_signal(self):
-        if self.signal_received is not None and not self.stopping:
+        if self.signal_received == signal.SIGTERM and not self.stopping:
+            self._preempt()
+        elif self.signal_received is not None and not self.stopping:
             name = signal.Signals(self.signal_received).name
             self._say(f"got {name}, stopping every process")
             self.exit_code = 128 + self.signal_received
+            self._stop_all()
+
+    def _preempt(self):
+        """SIGTERM (a scheduler preempting the job): ask only the workers to stop; a worker
+        with --checkpoint-dir writes a checkpoint at the next step, which needs the servers
+        up, and exits PREEMPTED_EXIT. The rest is stopped once the workers are gone."""
+        self._say(f"got SIGTERM, stopping every process (workers first: they may write a "
+                  f"checkpoint within --grace {self.grace_s:g} s)")
+        self.exit_code = 128 + signal.SIGTERM
+        self.stopping = self.preempting = True
+        self.kill_at = time.monotonic() + self.grace_s
+        for child in self.children:
+            if child.running and child.process.role == "worker":
+                child.ask_to_stop()
+
+    def _check_preempted_workers(self):
+        workers = [child for child in self.children if child.process.role == "worker"]
+        if self.preempting and not any(child.running for child in workers):
+            self.preempting = False
+            if all(child.returncode == PREEMPTED_EXIT for child in workers):
+                self.exit_code = PREEMPTED_EXIT
+                self._say("every worker wrote its checkpoint; rerun the same command to resume")
             self._stop_all()
 
     def _check_exits(self):

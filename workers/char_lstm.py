@@ -86,15 +86,16 @@ def main(argv=None):
 
     model = CharLSTM(len(vocab), args.embed_dim, args.hidden_size, args.num_layers).to(args.device)
     optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
-    checkpoint = harness.load_checkpoint(args, model, optimizer)
+    saved = harness.checkpoints(args)
     # Clipping changes gradients after backward(), so they are pushed in step(), not from hooks.
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness, overlap=False,
-                      metrics_dir=args.servers_metrics_dir) as trainer:
+                      metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
         # One "epoch" is as many windows as it takes to cover the training text once.
         per_epoch = max(1, len(train_ids) // (args.batch_size * args.seq_len * trainer.num_workers))
         last = int(args.epochs * per_epoch)
         last = min(last, args.max_steps) if args.max_steps else last
-        first = harness.resume(checkpoint)
+        position = harness.resume(saved, trainer, model, optimizer)
+        first = position["step"] if position else 0
         monitor = harness.Monitor(args, trainer, last, f"char_lstm rank {trainer.rank}")
         losses, curve, start = [], [], time.perf_counter()
         for step in range(first, last):
@@ -114,7 +115,12 @@ def main(argv=None):
                               round(time.perf_counter() - start, 1)))
                 print(f"step {step + 1} val_loss {curve[-1][1]:.4f} ({curve[-1][2]} s)", file=sys.stderr)
                 monitor.evaluation(step + 1, val_loss=curve[-1][1])
-                harness.save_checkpoint(args, model, optimizer, None, step + 1, trainer)
+            # Windows depend on the step alone: the position is the step (epoch 0, start 0).
+            position = {"epoch": 0, "start": 0, "epoch_end": (step + 1) % per_epoch == 0}
+            if saved is not None and saved.after_step(step + 1, position, model, optimizer,
+                                                      last=step + 1 == last):
+                monitor.close()
+                return harness.PREEMPTED_EXIT
         monitor.close()
         wall = time.perf_counter() - start
         if trainer.rank == 0:
@@ -128,4 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -10,6 +10,7 @@ from pathlib import Path
 import disttrain as dt
 from disttrain import config
 from disttrain.observe import jsonl, tensorboard
+from disttrain.checkpoint_dist import PREEMPTED_EXIT, Checkpoints  # noqa: F401 (PREEMPTED_EXIT: for workers)
 
 REPO_DATA = Path(__file__).resolve().parents[1] / "data"
 
@@ -29,9 +30,15 @@ def parser(description, *, epochs, batch_size, lr):
     p.add_argument("--mode", choices=["sync", "async", "ssp"], default="sync",
                    help="parameter-server consistency when launched with several workers")
     p.add_argument("--staleness", type=int, default=2, help="clock bound for --mode ssp")
-    p.add_argument("--checkpoint-dir", default=None, help="save here after every epoch; resume from here")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="save here after every epoch, the last step and on SIGTERM; a rerun resumes from here")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="STEPS",
+                   help="also save every STEPS steps")
+    p.add_argument("--keep-checkpoints", type=int, default=3, metavar="K",
+                   help="keep the K newest checkpoints (default 3)")
     p.add_argument("--metrics", default=None, help="also write the JSON summary line to this file")
-    p.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (tests, smoke runs)")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop at this step of the job, counted from its start across resumes")
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training examples")
     p.add_argument("--device", default=settings.device,
                    help="cpu or cuda:N (default: $DISTTRAIN_DEVICE, which the launcher sets, else cpu)")
@@ -58,6 +65,10 @@ def prepare(args):
     for name in ("epochs", "batch_size", "lr"):
         if getattr(args, name) <= 0:
             sys.exit(f"error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.checkpoint_every is not None and args.checkpoint_every < 1:
+        sys.exit(f"error: --checkpoint-every must be >= 1, got {args.checkpoint_every}")
+    if args.keep_checkpoints < 1:
+        sys.exit(f"error: --keep-checkpoints must be >= 1, got {args.keep_checkpoints}")
     if args.staleness < 0:
         sys.exit(f"error: --staleness must be >= 0, got {args.staleness}")
     if args.device != "cpu" and not args.device.startswith("cuda"):
@@ -207,64 +218,65 @@ class LossLog:
             self.file.close()
 
 
-def checkpoint_path(args):
-    return Path(args.checkpoint_dir) / "checkpoint.safetensors" if args.checkpoint_dir else None
-
-
-def save_checkpoint(args, model, optimizer, schedule, step, trainer):
-    """Rank 0 saves model, optimizer and schedule state and the step; other ranks have the same weights."""
-    path = checkpoint_path(args)
-    if path is None or trainer.rank != 0:
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {"model": trainer.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
-    if schedule is not None:
-        state["schedule"] = schedule.state_dict()
-    dt.save(state, str(path))
-
-
-def load_checkpoint(args, model, optimizer):
-    """Load weights and optimizer state from --checkpoint-dir if one is there; the state, or None.
-
-    Call it before DataParallel(...): rank 0 then gives the loaded weights to the servers.
-    """
-    path = checkpoint_path(args)
-    if path is None or not path.exists():
+def checkpoints(args):
+    """The job's checkpoints in --checkpoint-dir (None without one); hand it to DataParallel.
+    From here on SIGTERM (preemption) means: write a checkpoint at the next step, then stop."""
+    if not args.checkpoint_dir:
         return None
-    state = dt.load(str(path))
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    print(f"resumed from {path} at step {state['step']}", file=sys.stderr)
-    return state
+    saved = Checkpoints(args.checkpoint_dir, args.checkpoint_every, args.keep_checkpoints)
+    saved.stop_on_sigterm()
+    return saved
 
 
-def resume(state, schedule=None):
-    """The step to go on from (0 for a fresh run), after restoring the schedule's state."""
-    if state is None:
-        return 0
-    if schedule is not None and "schedule" in state:
-        schedule.load_state_dict(state["schedule"])
-    return int(state["step"])
+def resume(saved, trainer, model, optimizer, schedule=None):
+    """Where to start: {"step", "epoch", "start"} of the checkpoint resumed (None: afresh)."""
+    return saved.resume(trainer, model, optimizer, schedule) if saved is not None else None
 
 
-def batches(loader, first_step, last_step):
+def after_step(saved, step, batches, model, optimizer, schedule=None, last=None):
+    """Checkpoint if one is due after `step`; True when preempted: stop and return PREEMPTED_EXIT."""
+    if saved is None:
+        return False
+    return saved.after_step(step, batches.position, model, optimizer, schedule, last=step == last)
+
+
+class Batches:
     """(step, batch) pairs from first_step to last_step, across epochs of a deterministic loader.
 
-    Each epoch's order depends only on (seed, epoch), so a resumed run skips the batches that
-    the interrupted run consumed and then sees exactly what it would have seen.
+    Each epoch's order depends only on (seed, epoch), so a resumed run starts at the global
+    sample position its checkpoint recorded ("start" samples into "epoch") and then sees
+    exactly what the interrupted run would have seen, even with another number of workers.
+    `position` is where a checkpoint taken after the last yielded batch resumes.
     """
-    per_epoch = len(loader)
-    step = first_step
-    while step < last_step:
-        epoch, skip = divmod(step, per_epoch)
-        loader.set_epoch(epoch)
-        for i, batch in enumerate(loader):
-            if i < skip:
-                continue
-            if step >= last_step:
-                break
-            yield step, batch
-            step += 1
+
+    def __init__(self, loader, first_step, last_step, position=None):
+        self.loader, self.first, self.last = loader, first_step, last_step
+        if position is None:
+            epoch, skip = divmod(first_step, len(loader))
+            position = {"epoch": epoch, "start": skip * loader.batch_size * loader.num_shards}
+        self.position = {"epoch": position["epoch"], "start": position["start"], "epoch_end": False}
+
+    def __iter__(self):
+        loader, step = self.loader, self.first
+        per_batch = loader.batch_size * loader.num_shards
+        while step < self.last:
+            epoch, start = self.position["epoch"], self.position["start"]
+            left = len(loader.shard_indices(epoch, start))
+            count = left // loader.batch_size if loader.drop_last else -(-left // loader.batch_size)
+            if count == 0 and start == 0:
+                raise ValueError(f"an epoch of {len(loader.dataset)} samples holds no batch")
+            loader.set_epoch(epoch, start)
+            for index, batch in enumerate(loader):
+                if step >= self.last:
+                    break
+                end = index == count - 1
+                self.position = {"epoch": epoch + 1 if end else epoch,
+                                 "start": 0 if end else start + (index + 1) * per_batch,
+                                 "epoch_end": end}
+                yield step, batch
+                step += 1
+            if count == 0:
+                self.position = {"epoch": epoch + 1, "start": 0, "epoch_end": False}
 
 
 def summary(args, trainer, model_name, **fields):

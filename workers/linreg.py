@@ -1,4 +1,5 @@
 """Linear regression by SGD on synthetic data, checked against the closed-form least-squares fit."""
+import sys
 import time
 
 import numpy as np
@@ -38,19 +39,21 @@ def main(argv=None):
 
     model = nn.Linear(args.features, 1).to(args.device)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
-    checkpoint = harness.load_checkpoint(args, model, optimizer)
+    saved = harness.checkpoints(args)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
-                      metrics_dir=args.servers_metrics_dir) as trainer:
+                      metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
         loader = DataLoader(TensorDataset(x[:n_train], y[:n_train]), batch_size=args.batch_size,
                             shuffle=True, drop_last=True, seed=args.seed,
                             num_shards=trainer.num_workers, shard_index=trainer.rank)
         # SGD with a constant rate hovers around the optimum; decaying it lands on the fit.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        first = harness.resume(checkpoint, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        first = position["step"] if position else 0
         last = harness.total_steps(loader, args)
+        batches = harness.Batches(loader, first, last, position)
         monitor = harness.Monitor(args, trainer, last, f"linreg rank {trainer.rank}")
         losses, start = [], time.perf_counter()
-        for step, (xb, yb) in harness.batches(loader, first, last):
+        for step, (xb, yb) in batches:
             loss = F.mse_loss(model(harness.on_device(xb, args)), harness.on_device(yb, args))
             trainer.zero_grad()
             loss.backward()
@@ -58,9 +61,11 @@ def main(argv=None):
             schedule.step()
             losses.append(loss.item())
             monitor.step(step + 1, losses[-1], len(xb), shown_loss=np.mean(losses[-20:]))
+            if harness.after_step(saved, step + 1, batches, model, optimizer, schedule, last):
+                monitor.close()
+                return harness.PREEMPTED_EXIT
         monitor.close()
         wall = time.perf_counter() - start
-        harness.save_checkpoint(args, model, optimizer, schedule, last, trainer)
 
         w_exact, b_exact = closed_form(x[:n_train], y[:n_train])
         with dt.no_grad():
@@ -78,4 +83,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,7 @@
 """Train softmax regression, an MLP (784-256-256-10), LeNet-5 or a small ResNet on MNIST; alone,
 or as one worker of a launched job."""
 import os
+import sys
 import time
 
 import numpy as np
@@ -132,19 +133,21 @@ def main(argv=None):
         optimizer = dt.optim.Adam(model.parameters(), lr=args.lr)
     else:
         optimizer = dt.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    checkpoint = harness.load_checkpoint(args, model, optimizer)
+    saved = harness.checkpoints(args)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
-                      metrics_dir=args.servers_metrics_dir) as trainer:
+                      metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
                             drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
                             shard_index=trainer.rank)
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        first = harness.resume(checkpoint, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        first = position["step"] if position else 0
+        batches = harness.Batches(loader, first, last, position)
         monitor = harness.Monitor(args, trainer, last, f"{args.model} rank {trainer.rank}")
         losses, start = [], time.perf_counter()
-        for step, (x, y) in harness.batches(loader, first, last):
+        for step, (x, y) in batches:
             if shift:   # offsets drawn from (seed, rank, step) alone: a resumed run sees the same
                 x = shifted(x, np.random.default_rng([args.seed, trainer.rank, step]), shift)
             logits = model(harness.on_device(x, args))
@@ -157,8 +160,9 @@ def main(argv=None):
             hits = dt.backend.to_numpy(logits.data).argmax(axis=1) == y
             monitor.step(step + 1, losses[-1], len(x), shown_loss=np.mean(losses[-50:]),
                          accuracy=float(hits.mean()))
-            if (step + 1) % len(loader) == 0 or step + 1 == last:
-                harness.save_checkpoint(args, model, optimizer, schedule, step + 1, trainer)
+            if harness.after_step(saved, step + 1, batches, model, optimizer, schedule, last):
+                monitor.close()
+                return harness.PREEMPTED_EXIT
         wall = time.perf_counter() - start
         trained = (last - first) * args.batch_size * trainer.num_workers
         test_accuracy = accuracy(model, x_test, y_test, args)
@@ -172,4 +176,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -5,6 +5,7 @@ import collections
 import functools
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -210,8 +211,9 @@ def main(argv=None):
 
     model = SkipGram(len(vocab), args.dim).to(args.device)
     optimizer = dt.optim.SGD(model.parameters(), lr=args.lr)
-    checkpoint = harness.load_checkpoint(args, model, optimizer)
-    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness) as trainer:
+    saved = harness.checkpoints(args)
+    with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
+                      checkpoints=saved) as trainer:
         # The meter wraps the connections of DataParallel's own KVStore (no public handle).
         meter = WireMeter(trainer._store) if trainer.is_distributed else None
         workers, batch = trainer.num_workers, args.batch_size
@@ -221,7 +223,8 @@ def main(argv=None):
         planned = max(1, int(np.ceil(args.epochs * per_epoch)))
         last = min(planned, args.max_steps) if args.max_steps else planned
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=planned)
-        first = harness.resume(checkpoint, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        first = position["step"] if position else 0
         progress = harness.Progress(last, f"word2vec rank {trainer.rank}", not args.no_progress)
         losses, start, pairs, pairs_epoch = [], time.perf_counter(), None, None
         wire_steps = wire_bytes = 0
@@ -245,8 +248,11 @@ def main(argv=None):
                 wire_steps, wire_bytes = wire_steps + 1, wire_bytes + meter.total - before
             losses.append(loss.item())
             progress.update(step + 1, len(batch_pairs), loss=np.mean(losses[-100:]))
-            if (step + 1) % per_epoch == 0 or step + 1 == last:
-                harness.save_checkpoint(args, model, optimizer, schedule, step + 1, trainer)
+            # Pairs depend on (seed, epoch, step) alone: the position is the step.
+            position = {"epoch": 0, "start": 0, "epoch_end": (step + 1) % per_epoch == 0}
+            if saved is not None and saved.after_step(step + 1, position, model, optimizer,
+                                                      schedule, last=step + 1 == last):
+                return harness.PREEMPTED_EXIT
         progress.close()
         wall = time.perf_counter() - start
         dense_bytes = None
@@ -271,4 +277,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,10 +46,21 @@ class DataLoader:
         self.dataset, self.batch_size, self.shuffle, self.drop_last = dataset, int(batch_size), shuffle, drop_last
         self.seed, self.num_shards, self.shard_index, self.prefetch = seed, int(num_shards), shard_index, prefetch
         self.epoch = 0
+        self.start = 0  # where the next iteration starts in its epoch's order (a resumed epoch)
 
-    def set_epoch(self, epoch):
-        """Make the next iteration use epoch number ``epoch`` (and count on from there)."""
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch, start=0):
+        """Make the next iteration use epoch number ``epoch`` (and count on from there).
+
+        ``start`` resumes that epoch at a position of its global order (samples that all
+        shards together consumed before, see the sharding rule): the rest of the epoch is dealt
+        to the shards as rule 3 says, so a job that changed its number of workers sees every
+        remaining sample once. The shards then stop together at the shortest shard's last
+        full batch (at most num_shards - 1 samples left out, and only when the worker count
+        changed mid-epoch)."""
+        if not 0 <= start <= self._shard_size() * self.num_shards:
+            raise ValueError(f"DataLoader.set_epoch: start {start} is outside the epoch's "
+                             f"{self._shard_size() * self.num_shards} samples")
+        self.epoch, self.start = int(epoch), int(start)
 
     def _shard_size(self):
         samples, shards = len(self.dataset), self.num_shards
@@ -60,8 +71,9 @@ class DataLoader:
         size = self._shard_size()
         return size // self.batch_size if self.drop_last else -(-size // self.batch_size)
 
-    def shard_indices(self, epoch):
-        """The sample indices this shard visits in ``epoch``, in order (the sharding rule above)."""
+    def shard_indices(self, epoch, start=0):
+        """The sample indices this shard visits in ``epoch`` from global position ``start``, in
+        order (the sharding rule above)."""
         samples = len(self.dataset)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(samples)
@@ -70,20 +82,23 @@ class DataLoader:
         total = self._shard_size() * self.num_shards
         if total > samples:
             order = np.concatenate([order, order[:total - samples]])
-        return order[self.shard_index:total:self.num_shards]
+        common = (total - start) // self.num_shards   # every shard's count: sync needs equal ones
+        return order[start + self.shard_index:total:self.num_shards][:common]
 
-    def _batches(self, epoch):
-        indices = self.shard_indices(epoch)
+    def _batches(self, epoch, start=0):
+        indices = self.shard_indices(epoch, start)
         # A plain indexable (e.g. a list of tuples) gets the Dataset base class's stacking.
         get_batch = getattr(self.dataset, "get_batch", None) or functools.partial(Dataset.get_batch, self.dataset)
-        for batch in range(len(self)):
+        count = len(indices) // self.batch_size if self.drop_last else -(-len(indices) // self.batch_size)
+        for batch in range(count):
             yield get_batch(indices[batch * self.batch_size:(batch + 1) * self.batch_size])
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
+        start, self.start = self.start, 0
         if self.prefetch == 0:
-            return self._batches(epoch)
-        return PrefetchIterator(self._batches(epoch), self.prefetch)
+            return self._batches(epoch, start)
+        return PrefetchIterator(self._batches(epoch, start), self.prefetch)
 
 
 class PrefetchIterator:

@@ -47,6 +47,10 @@ class Handle:
 
     def _answer(self, reply):
         self.outstanding.discard(reply.id)
+        asked = reply.meta.get("checkpoint")   # a preempted worker asked for a checkpoint
+        if type(asked) is int and (self.store.checkpoint_clock is None or
+                                   asked < self.store.checkpoint_clock):
+            self.store.checkpoint_clock = asked
         if reply.op == "error":
             self.errors.append(f"{reply.sender}: {reply.meta.get('error')}")
         elif self.on_reply is not None:
@@ -95,6 +99,8 @@ class KVStore:
         self._ids = itertools.count(1)
         self._poller = None
         self.sender = f"worker-{rank}"
+        self.ask_checkpoint = False     # pushes say "checkpoint after this clock" (preempted)
+        self.checkpoint_clock = None    # the first such clock any worker asked for
         self.bytes_sent = self.bytes_received = 0   # payload bytes, for the metrics files
 
     # --- keys -------------------------------------------------------------------
@@ -226,9 +232,29 @@ class KVStore:
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
+    def _push_meta(self, clock, lr):
+        meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
+        if self.ask_checkpoint:
+            meta["checkpoint"] = int(clock)
+        return meta
+
+    def request(self, op, meta, servers=None):
+        """Send `op` with `meta` (no keys) to every server (or those listed); the handle's
+        `.replies` collects each server's reply meta, in server order once waited for."""
+        replies = {}
+        handle = Handle(self, f"{op} on the servers", [],
+                        lambda reply: replies.__setitem__(reply.sender, reply.meta))
+        for server in range(len(self.connections)) if servers is None else servers:
+            request_id = next(self._ids)
+            handle.outstanding.add(request_id)
+            self.handles[request_id] = handle
+            self.connections[server].send(Message(op, request_id, self.sender, [], [], meta))
+        handle.replies = replies
+        return handle
+
     def push_async(self, grads, clock, lr):
         """grads: {name: ndarray | RowSparseGrad | None}; None says 'no gradient this clock'."""
-        meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
+        meta = self._push_meta(clock, lr)
         return self._send("push", f"push of clock {clock}", self._grad_entries(grads), meta)
 
     def pull_async(self, outs, clock, rows=None):
@@ -248,7 +274,7 @@ class KVStore:
     def pushpull_async(self, grads, outs, clock, lr):
         """Push the gradients of clock `clock` and pull the weights of clock + 1 in one
         round trip (dense keys only; grads and outs name the same keys)."""
-        meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
+        meta = self._push_meta(clock, lr)
         return self._send("pushpull", f"pushpull of clock {clock}", self._grad_entries(grads),
                           meta, self._pull_into(outs))
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from disttrain.ps import protocol
 from disttrain.ps.protocol import Payload, RequestError
+from disttrain.ps.snapshot import join_states
 
 
 # --- worker side: packing a message's payloads ----------------------------------------------
@@ -97,10 +98,13 @@ def group_of(members, max_bytes):
     itemsize = members[0].param.itemsize
     if len(members) < 2 or any(any(key.pushes) for key in members) or \
             sum(key.param.size for key in members) * itemsize > max_bytes:
-        return None   # (a key never pushed has no state and no pending sum yet)
+        return None   # (a key never pushed has no pending sum yet)
+    state = join_states(members)   # keys restored from a checkpoint bring optimizer state
+    if state is None:
+        return None
     offsets = np.cumsum([0] + [key.param.size for key in members]).tolist()
     group = Group(members, offsets[:-1], np.concatenate([key.param.reshape(-1)
-                                                          for key in members]))
+                                                          for key in members]), state)
     for key, start, stop in zip(members, offsets, offsets[1:]):
         key.param = group.param[start:stop].reshape(key.param.shape)
         key.group = group

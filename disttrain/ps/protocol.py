@@ -24,7 +24,7 @@ import numpy as np
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.
-SERVER_OPS = ("init", "push", "pull", "pushpull")
+SERVER_OPS = ("init", "push", "pull", "pushpull", "checkpoint", "restore", "restored")
 SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye")
 NOTICE_OPS = ("reply", "error", "dead", "shutdown")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS

@@ -10,7 +10,7 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import auth, group as groups, protocol, transport
+from disttrain.ps import auth, group as groups, protocol, snapshot, transport
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -209,6 +209,8 @@ class ServerState:
         self.config = None          # {"optimizer": {...}, "mode": ..., "staleness": ...}
         self.waiting_pulls = []     # (route, message, keys) held back by the consistency mode
         self.sender = f"server-{rank}"
+        self.checkpoint_clock = None  # first clock a worker pushed asking for a checkpoint
+        self.restored = None          # {"dir", "step"} of the checkpoint restored, if any
 
     # --- dispatch -------------------------------------------------------------
     def handle(self, route, message):
@@ -224,11 +226,48 @@ class ServerState:
                     self._push(message, keys)
                 self.waiting_pulls.append((route, message, keys))
                 replies = []
+            elif message.op in ("checkpoint", "restore", "restored"):
+                replies = [(route, self._snapshot(message))]
             else:
                 raise RequestError(f"a server does not serve op {message.op!r}")
         except RequestError as error:
             return [(route, protocol.error_reply(message.id, self.sender, str(error)))]
-        return replies + self._answer_ready_pulls()
+        replies += self._answer_ready_pulls()
+        self._pass_on_checkpoint_request(message, replies)
+        return replies
+
+    def _pass_on_checkpoint_request(self, message, replies):
+        """A push carrying "checkpoint": clock (a preempted worker) makes every later reply
+        say so: in sync mode every worker then learns it in the replies of that very clock
+        (they wait for all pushes of it), and all write the checkpoint after it."""
+        clock = message.meta.get("checkpoint")
+        if message.op in ("push", "pushpull") and type(clock) is int and \
+                (self.checkpoint_clock is None or clock < self.checkpoint_clock):
+            self.checkpoint_clock = clock
+        if self.checkpoint_clock is not None:
+            for _, reply in replies:
+                if reply.op == "reply":
+                    reply.meta["checkpoint"] = self.checkpoint_clock
+
+    def _snapshot(self, message):
+        """checkpoint: write this server's shard into meta "dir"; restore: load it from a
+        checkpoint there (any number of servers wrote it); restored: which one was loaded."""
+        directory, step = message.meta.get("dir"), message.meta.get("step")
+        if message.op == "restored":
+            return Message("reply", message.id, self.sender, meta={"restored": self.restored})
+        self._require_config(message)
+        if type(directory) is not str or type(step) is not int:
+            raise RequestError(f"{message.op}: meta needs 'dir' (str) and 'step' (int), got "
+                               f"{directory!r} and {step!r}")
+        try:
+            if message.op == "checkpoint":
+                return Message("reply", message.id, self.sender,
+                               meta=snapshot.write_shard(self, directory, step))
+            snapshot.restore_shard(self, directory, snapshot.read_manifest(directory))
+        except snapshot.SnapshotError as error:
+            raise RequestError(str(error)) from None
+        self.restored = {"dir": directory, "step": step}
+        return Message("reply", message.id, self.sender, meta={"restored": self.restored})
 
     # --- init -----------------------------------------------------------------
     def _init(self, message):

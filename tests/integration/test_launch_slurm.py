@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "salloc", "sbatch", "srun")
 CLUSTER_START_DEADLINE_S = 30.0
+REQUEUE_DEADLINE_S = 480.0
 INSTALL_HINT = "apt-get install -y slurm-wlm munge"
 FAKE_PS_EXECUTABLE = os.path.join(PROGRAMS, "fake_ps.py")
 
@@ -205,6 +206,58 @@ def test_shipped_sbatch_script_runs_the_job(slurm_env, tmp_path):
     finally:
         kill_tagged(tag)
     assert wait_for_no_tagged(tag) == []
+
+
+def slurm_job_field(env, job_id, field):
+    shown = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=env, capture_output=True,
+                           text=True, timeout=10).stdout
+    words = dict(word.split("=", 1) for word in shown.split() if "=" in word)
+    return words.get(field)
+
+
+def test_a_preempted_requeue_job_checkpoints_and_resumes_by_itself(slurm_env, launch_run, tmp_path,
+                                                                   tmp_path_factory):
+    """sbatch --requeue; SIGTERM to the batch script mid-run (what --signal=B:TERM@N sends):
+    the job checkpoints, exits 75, requeues itself, and the second run resumes and ends with
+    the weights and Adam moments of an unbroken run."""
+    from tests.integration import test_checkpoint_dist as checkpoints
+    expected = checkpoints.unbroken(launch_run, tmp_path_factory, "adam", 1)
+    tag, output = new_tag(), tmp_path / "job.out"
+    directory, losses = tmp_path / "ckpt", tmp_path / "loss.txt"
+    command = checkpoints.MNIST + checkpoints.flags("adam") + [
+        "--max-steps", str(checkpoints.STEPS), "--checkpoint-dir", str(directory),
+        "--loss-log", str(losses)]
+    env = {**slurm_env, "PYTHON": PYTHON, TAG_VARIABLE: tag,
+           "DISTTRAIN_LAUNCH_OPTIONS": f"--env {TAG_VARIABLE}={tag} --grace 60"}
+    try:
+        submitted = subprocess.run(
+            ["sbatch", "--parsable", "--requeue", "--open-mode=append", "--nodes=1", "--ntasks=2",
+             f"--output={output}", os.path.join(ROOT, "launch", "slurm.sbatch"), *command],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        job_id = submitted.stdout.strip().split(";")[0]
+        checkpoints.wait_for(lambda: losses.exists() and len(losses.read_text().splitlines()) >= 3,
+                             "three steps of the first run")
+        subprocess.run(["scancel", "--signal=TERM", "--batch", job_id], env=env, timeout=20,
+                       check=True)
+        # Slurm holds a requeued batch job for about two minutes before it is eligible again
+        # (moving its start time earlier gets it killed: "Job credential revoked").
+        def requeued_run_ended():
+            state = slurm_job_field(env, job_id, "JobState")
+            if state in ("FAILED", "CANCELLED", "TIMEOUT"):
+                return state
+            return state == "COMPLETED" and slurm_job_field(env, job_id, "Restarts") == "1"
+
+        def report():
+            shown = subprocess.run(["scontrol", "show", "job", job_id], env=env,
+                                   capture_output=True, text=True, timeout=10).stdout
+            return f"the requeued run\n{shown}\n{output.read_text()[-4000:] if output.exists() else ''}"
+        assert wait_until(requeued_run_ended, REQUEUE_DEADLINE_S, report) is True, report()
+        text = output.read_text()
+        assert "exit 75;" in text and "at step " in text, text[-4000:]
+        checkpoints.assert_same_state(expected, checkpoints.final_state(directory))
+    finally:
+        kill_tagged(tag)
 
 
 def test_timeline_and_straggler_report_come_back_through_srun(slurm_env, launch_run, tmp_path):

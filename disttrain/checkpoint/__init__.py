@@ -1,5 +1,7 @@
 """``save`` / ``load`` of nested training state as a true safetensors file: arrays are tensors named
 by their dotted path ("model.fc.weight"); other values and the nesting go in ``__metadata__`` as JSON."""
+import concurrent.futures
+import hashlib
 import json
 import os
 import struct
@@ -16,6 +18,7 @@ DTYPE_CODES = {np.dtype(np.float16): "F16", np.dtype(np.float32): "F32", np.dtyp
 CODE_DTYPES = {code: dtype.newbyteorder("<") for dtype, code in DTYPE_CODES.items()}
 STRUCTURE_KEY = "disttrain.structure"  # the nested layout, so load() can rebuild dict/list nesting
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
+HASH_BLOCK_BYTES = 1 << 20
 
 
 class CheckpointError(ValueError):
@@ -28,6 +31,12 @@ def save(state, path):
     The write is atomic: a temporary file in the same folder is renamed over ``path`` only once
     complete, so a crash mid-save never leaves a half-written checkpoint behind.
     """
+    save_with_digest(state, path)
+
+
+def save_with_digest(state, path):
+    """``save``, returning ``(size in bytes, sha256 hex digest)`` of the file it wrote; the
+    digest is computed from the bytes as they are written (no second pass over the file)."""
     path = Path(path)
     tensors, metadata = {}, {}
     metadata[STRUCTURE_KEY] = json.dumps(_flatten(state, "", tensors, metadata))
@@ -40,18 +49,54 @@ def save(state, path):
     header_bytes = json.dumps(header, separators=(",", ":")).encode("utf-8")
     header_bytes += b" " * (-len(header_bytes) % 8)  # keeps every tensor 8-byte aligned in the file
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = BackgroundDigest()
     try:
         with open(temporary, "wb") as f:
-            f.write(struct.pack("<Q", len(header_bytes)))
-            f.write(header_bytes)
-            for name in order:
-                f.write(tensors[name].reshape(-1).view(np.uint8))
+            for block in _blocks([struct.pack("<Q", len(header_bytes)), header_bytes] +
+                                 [tensors[name].reshape(-1).view(np.uint8) for name in order]):
+                f.write(block)
+                digest.update(block)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
     finally:
+        digest.close()
         if temporary.exists():
             temporary.unlink()
+    return 8 + len(header_bytes) + offset, digest.hexdigest()
+
+
+class BackgroundDigest:
+    """sha256 computed on a thread of its own, block by block in order, while the caller
+    writes or reads the next block (both release the GIL): hashing then costs little more
+    than the I/O instead of adding to it (figure in docs/performance.md, "Checkpoints")."""
+
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "disttrain-sha256")
+        self._last = None
+
+    def update(self, block):
+        # One worker thread runs the updates in submission order; the caller keeps `block`
+        # unchanged until hexdigest() (it is a view of data written or read once).
+        self._last = self._pool.submit(self._digest.update, block)
+
+    def hexdigest(self):
+        self.close()
+        return self._digest.hexdigest()
+
+    def close(self):
+        """Wait for the updates submitted so far and end the thread."""
+        self._pool.shutdown(wait=True)
+
+
+def _blocks(buffers, size=HASH_BLOCK_BYTES):
+    """Each buffer cut into pieces of at most `size` bytes: writing and hashing a block while
+    it is still in cache reads memory once instead of twice."""
+    for buffer in buffers:
+        view = memoryview(buffer).cast("B")
+        for start in range(0, len(view), size):
+            yield view[start:start + size]
 
 
 def _write_order(tensors):
@@ -100,7 +145,47 @@ def load(path):
     Arrays come back as writable numpy arrays sharing one buffer read from the file.
     """
     path = Path(path)
-    data = bytearray(path.read_bytes())
+    with open(path, "rb") as f:
+        data = _buffer(os.fstat(f.fileno()).st_size)
+        f.readinto(data)
+    return _parse(data, path)
+
+
+def _buffer(size):
+    """A writable byte buffer of `size` bytes, not zero-filled (bytearray(size) writes every
+    byte once more before the read does)."""
+    return memoryview(np.empty(size, dtype=np.uint8))
+
+
+def load_verified(path, size, sha256):
+    """``load``, but first check the file against the ``size`` and ``sha256`` a manifest
+    recorded for it: a truncated or changed file raises CheckpointError naming it."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        actual = os.fstat(f.fileno()).st_size
+        if actual != size:
+            raise CheckpointError(f"{path} is {actual} bytes, but the manifest says {size} "
+                                  f"(truncated or overwritten)")
+        data = _buffer(size)
+        view, digest, done = data, BackgroundDigest(), 0
+        try:
+            while done < size:
+                count = f.readinto(view[done:done + HASH_BLOCK_BYTES])
+                if not count:
+                    raise CheckpointError(f"{path} ended after {done} of {size} bytes while "
+                                          f"reading")
+                digest.update(view[done:done + count])
+                done += count
+        finally:
+            digest.close()
+    actual = digest.hexdigest()
+    if actual != sha256:
+        raise CheckpointError(f"{path} has sha256 {actual}, but the manifest says "
+                              f"{sha256} (corrupted)")
+    return _parse(data, path)
+
+
+def _parse(data, path):
     if len(data) < 8:
         raise CheckpointError(f"load: {path} is {len(data)} bytes, too short for a safetensors header")
     (header_size,) = struct.unpack("<Q", data[:8])
@@ -108,7 +193,7 @@ def load(path):
         raise CheckpointError(f"load: {path} declares a {header_size}-byte header but has only "
                               f"{len(data) - 8} bytes after the length (truncated or not safetensors)")
     try:
-        header = json.loads(data[8:8 + header_size].decode("utf-8"))
+        header = json.loads(bytes(data[8:8 + header_size]).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise CheckpointError(f"load: {path} has a corrupt header: {error}") from None
     if not isinstance(header, dict):
@@ -156,3 +241,4 @@ def _rebuild(structure, tensors, metadata):
     if "tensor" in structure:
         return tensors[structure["tensor"]]
     return json.loads(metadata[structure["value"]])
+
