@@ -13,7 +13,6 @@ from disttrain.nn.module import Module
 from disttrain.nn.parameter import Parameter
 from disttrain.parallel import DataParallel
 from tests.ps import train_program
-from tests.ps.inprocess import TIMEOUT, job
 
 
 class Net(Module):
@@ -29,19 +28,6 @@ class Net(Module):
 
     def forward(self, x):
         return dt.tanh(x @ self.w + self.b)
-
-
-@pytest.fixture
-def one_worker_job(monkeypatch):
-    """Scheduler and one server on threads; the test process is the only worker."""
-    with job(1, 1) as connect:
-        for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=connect.address,
-                                DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
-                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT),
-                                DISTTRAIN_KEYS=connect.keys).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
-        yield
 
 
 def train(model, stepper, steps=5):

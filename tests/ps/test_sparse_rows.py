@@ -9,7 +9,7 @@ import disttrain as dt
 from disttrain import nn, optim
 from disttrain.parallel import DataParallel
 from disttrain.tensor import RowSparseGrad
-from tests.ps.inprocess import TIMEOUT, job, run_workers
+from tests.ps.inprocess import job, run_workers
 
 SGD1 = {"name": "sgd", "hyper": {"lr": 1.0}}
 ROWS, DIM = 200, 128   # 100 KB: split over 2 servers, rows 0..99 and 100..199
@@ -127,18 +127,6 @@ def train(model, stepper):
         # sum, not mean: an empty batch has loss 0 and no gradient rows
         (scores * scores).sum().backward()
         stepper.step()
-
-
-@pytest.fixture
-def one_worker_job(monkeypatch):
-    with job(1, 1) as connect:
-        for name, value in dict(DISTTRAIN_ROLE="worker", DISTTRAIN_SCHEDULER=connect.address,
-                                DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS="1",
-                                DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT=str(TIMEOUT),
-                                DISTTRAIN_KEYS=connect.keys).items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("DISTTRAIN_RANK", raising=False)
-        yield
 
 
 def test_sparse_tables_train_like_the_local_optimizer_on_every_batch_shape(one_worker_job):
