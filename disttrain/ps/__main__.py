@@ -57,6 +57,7 @@ def main():
                                            timeout=settings.timeout,
                                            credentials=credentials).run()
             finally:
+                auth.stop_authenticator()   # its ZAP socket would keep term() waiting
                 transport.context().term()  # waits for the lingering dead / shutdown notices
         if settings.realtime:   # launch --bind sets it
             use_realtime_priority(settings.rank)

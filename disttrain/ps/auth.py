@@ -350,7 +350,10 @@ class _JobAuthenticator(ThreadAuthenticator):
 
 
 class _Gate:
-    """One authenticator per zmq context, running while any secure listener is open."""
+    """One authenticator per zmq context. It keeps running between the listeners of one
+    process (in-process test jobs open and close many): stopped and started again, the new
+    one's ZAP endpoint can still be held by the old socket, which libzmq releases later, and
+    a handshake in between is refused. `stop()` ends it before the context is terminated."""
 
     def __init__(self):
         self.lock = threading.Lock()
@@ -358,7 +361,9 @@ class _Gate:
 
     def open(self, context, door):
         with self.lock:
-            if self.authenticator is None or self.authenticator.context is not context:
+            if self.authenticator is not None and self.authenticator.context is not context:
+                self._stop()
+            if self.authenticator is None:
                 self.authenticator = _JobAuthenticator(context)
                 self.authenticator.start()
             self.authenticator.doors[door.domain] = door
@@ -366,14 +371,19 @@ class _Gate:
 
     def close(self, door):
         with self.lock:
-            if self.authenticator is None:
-                return
-            self.authenticator.doors.pop(door.domain, None)
-            self.authenticator.ipc_domains.discard(door.ipc_domain)
-            if not self.authenticator.doors:
-                # Its ZAP socket would otherwise keep context.term() waiting forever.
-                self.authenticator.stop()
-                self.authenticator = None
+            if self.authenticator is not None:
+                self.authenticator.doors.pop(door.domain, None)
+                self.authenticator.ipc_domains.discard(door.ipc_domain)
+
+    def stop(self):
+        """Before context.term(): the ZAP socket would otherwise keep it waiting forever."""
+        with self.lock:
+            self._stop()
+
+    def _stop(self):
+        if self.authenticator is not None:
+            self.authenticator.stop()
+            self.authenticator = None
 
     def refused(self):
         with self.lock:
@@ -381,6 +391,7 @@ class _Gate:
 
 
 _gate = _Gate()
+stop_authenticator = _gate.stop
 
 
 # --- who may ask what ------------------------------------------------------------------------

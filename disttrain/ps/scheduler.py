@@ -35,6 +35,8 @@ class Scheduler:
         self.book = None
         self.barriers = {}       # group -> list of (identity, request id)
         self.said_goodbye = set()
+        self.heard = set()       # node ids whose heartbeat socket has spoken: notices reach them
+        self.closing_since = None   # when every worker had said goodbye
         self.started = time.monotonic()
 
     # --- requests -------------------------------------------------------------
@@ -42,6 +44,10 @@ class Scheduler:
         if message.op == "register":
             return self._register(identity, message)
         node = self.nodes.get(message.meta.get("node"))
+        if message.op == "heartbeat":
+            self.heard.add(message.meta.get("node"))
+            if self.closing_since is not None:   # the shutdown broadcast had no route to it
+                self.listener.send(identity, Message("shutdown", 0, "scheduler", meta={"text": ""}))
         if node is None and message.op == "heartbeat":
             # The heartbeat thread starts before registration is answered.
             return self.listener.send(identity, _heartbeat_reply(message))
@@ -174,8 +180,15 @@ class Scheduler:
                     self.broadcast("dead", text)
                     return 1
                 if self.all_workers_left():
-                    self.broadcast("shutdown")
-                    return 0
+                    if self.closing_since is None:
+                        self.closing_since = time.monotonic()
+                        self.broadcast("shutdown")
+                    # A ROUTER drops a notice to a heartbeat socket it has not heard from yet
+                    # (a short job, a slow CURVE handshake): such a node gets the shutdown in
+                    # the answer to its first beat, so wait for that, within one timeout.
+                    if self.heard >= set(self.nodes) or \
+                            time.monotonic() - self.closing_since > self.heartbeat_timeout:
+                        return 0
         finally:
             # Linger so the dead / shutdown notices leave even on a busy machine.
             self.listener.close(linger_ms=2000)

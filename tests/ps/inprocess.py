@@ -63,7 +63,7 @@ def job(num_workers, num_servers, insecure=False):
                 store.close()
                 membership.close()
         for thread in threads:
-            thread.join(timeout=10)
+            thread.join(timeout=TIMEOUT)   # a loaded CI machine can be slow to wind down
         auth.remove_key_directory(keys)
         os.rmdir(os.path.dirname(keys))
         assert not any(t.is_alive() for t in threads), "scheduler or server did not stop"
