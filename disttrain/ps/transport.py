@@ -202,7 +202,11 @@ class HandshakeWatch:
 
     def __init__(self, sock, report):
         self.report = report
-        self.monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
+        self.socket = sock
+        # pyzmq's default name reuses the socket's fd number, which a closing listener's
+        # monitor may still hold: a name of its own.
+        self.monitor = sock.get_monitor_socket(
+            HANDSHAKE_EVENTS, f"inproc://disttrain-handshake-{uuid.uuid4().hex}")
         self.peers = {}           # fd -> host of an open tcp connection, where it was read
         self.failure = None       # (event, detail) waiting for its DISCONNECTED
         self.queue = []
@@ -212,6 +216,10 @@ class HandshakeWatch:
         self.thread.start()
 
     def stop(self):
+        """Call from the thread that owns `sock`, before closing it. libzmq sends monitor
+        events with a blocking send from its I/O thread: were the reading end closed first,
+        the next event would stall that thread, and every connection it serves."""
+        self.socket.disable_monitor()
         self.stopping.set()
         self.thread.join(timeout=10 * self.POLL_MS / 1000)
 
@@ -262,8 +270,13 @@ def _detail(kind, value):
 def peer_host(fd):
     """The peer host of an open tcp socket fd, or None where it is closed or no socket."""
     try:
-        probe = socket.socket(fileno=os.dup(fd))
+        duplicate = os.dup(fd)
     except OSError:
+        return None
+    try:
+        probe = socket.socket(fileno=duplicate)
+    except OSError:          # the number is now some other kind of fd
+        os.close(duplicate)
         return None
     try:
         return probe.getpeername()[0]
