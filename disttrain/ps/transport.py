@@ -203,10 +203,15 @@ class HandshakeWatch:
     def __init__(self, sock, report):
         self.report = report
         self.socket = sock
-        # pyzmq's default name reuses the socket's fd number, which a closing listener's
-        # monitor may still hold: a name of its own.
-        self.monitor = sock.get_monitor_socket(
-            HANDSHAKE_EVENTS, f"inproc://disttrain-handshake-{uuid.uuid4().hex}")
+        # Not get_monitor_socket(): its name reuses the socket's fd number, which a closing
+        # listener's monitor may still hold, and its queue has a high-water mark, at which
+        # libzmq's blocking event send would stall an I/O thread (a flood of strangers).
+        address = f"inproc://disttrain-handshake-{uuid.uuid4().hex}"
+        sock.monitor(address, HANDSHAKE_EVENTS)
+        self.monitor = sock.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(address)
         self.peers = {}           # fd -> host of an open tcp connection, where it was read
         self.failure = None       # (event, detail) waiting for its DISCONNECTED
         self.queue = []
