@@ -243,6 +243,8 @@ class ServerCurve:
         self.ipc_domain = self.domain + "-ipc"
         self.accept = accept
         self.local_peers = {}     # pid -> member name, for this host's ipc peers
+        self.handshake_logged = set()   # (peer host or None, dropped) already reported
+        self.handshake_failures = 0     # every one, logged or not
 
     def learn_local_peers(self, book, here):
         """Map the pids of the job's members on this host (hostname, netns) to their names,
@@ -281,6 +283,27 @@ class ServerCurve:
 
     def release(self):
         _gate.close(self)
+
+    def handshake_failed(self, address, event, detail):
+        """transport.HandshakeWatch's report of a tcp peer that libzmq dropped before ZAP (a
+        peer with no CURVE at all): logged once per address, as the ZAP handler's refusals.
+        Where the address is unknown (see HandshakeWatch) that is said, once per listener."""
+        self.handshake_failures += 1
+        dropped = event == "HANDSHAKE_FAILED_NO_DETAIL"   # the peer left, or an I/O error
+        seen = (address, dropped)
+        if seen in self.handshake_logged or len(self.handshake_logged) >= MAX_LOGGED_ADDRESSES:
+            return
+        self.handshake_logged.add(seen)
+        who = address or ("an unknown address (libzmq closed the connection before its "
+                          "address could be read; its monitor does not report it)")
+        if dropped:
+            _say(f"{self.label} dropped a connection from {who} before its CURVE handshake "
+                 f"ended ({detail}; logged once per address)")
+            return
+        why = ("it does not speak CURVE" if detail == "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH"
+               else "its handshake broke the ZMTP protocol")
+        _say(f"{self.label} refused a connection from {who}: {why} (zmq: {detail}; logged "
+             f"once per address)")
 
 
 class ClientCurve:

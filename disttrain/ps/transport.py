@@ -4,10 +4,12 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import uuid
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from disttrain.ps import auth, protocol
 
@@ -114,6 +116,7 @@ class Listener:
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.ipc_directory = None
         self.ipc_address = ""
+        self._watch = None
         try:
             if with_ipc:
                 self.ipc_directory = tempfile.mkdtemp(prefix="disttrain-")
@@ -128,6 +131,9 @@ class Listener:
             else:
                 self.socket.bind(f"tcp://{host}:{tcp_port}")
                 port = tcp_port
+            # A peer libzmq drops at the handshake (no CURVE at all) never reaches ZAP.
+            self._watch = (HandshakeWatch(self.socket, security.handshake_failed)
+                           if security is not None else None)
         except BaseException:
             self.close()
             raise
@@ -160,11 +166,129 @@ class Listener:
 
     def close(self, linger_ms=0):
         """linger_ms > 0 lets queued replies and notices leave before the socket goes."""
+        if self._watch is not None:
+            self._watch.stop()
         self.socket.close(linger=linger_ms)
         if self.security is not None:
             self.security.release()
         if self.ipc_directory:
             shutil.rmtree(self.ipc_directory, ignore_errors=True)
+
+
+HANDSHAKE_EVENTS = (zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+class HandshakeWatch:
+    """A thread reading a listening socket's monitor: reports every tcp connection whose
+    handshake failed as report(address, event, detail), where address is the peer's host
+    or None and event/detail are zmq's names (HANDSHAKE_FAILED_PROTOCOL,
+    PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH). Failures that ZAP refused (a wrong key) are
+    HANDSHAKE_FAILED_AUTH, not watched: the ZAP handler reports those itself.
+
+    libzmq 4.3.5's monitor (v1) names only the local endpoint (monitor v2, which carries the
+    remote one, needs libzmq's draft API, which pyzmq's wheels lack). So the peer's address
+    is read from the accepted fd (EVENT_ACCEPTED's value) as soon as that event arrives:
+    - a peer that fails at once may already be closed by then: address unknown;
+    - the fd number may already belong to a newer connection; libzmq reports DISCONNECTED
+      before it closes an fd, so an address read while no DISCONNECTED of that fd is queued
+      is the right one, and any other is dropped;
+    - a failure event carries an error code, not the fd; libzmq follows it at once with the
+      DISCONNECTED of the failed connection, so a failure followed directly by a
+      DISCONNECTED takes that fd's address. (Only another I/O thread's event landing
+      between the two could misname it; any other event in between makes it unknown.)"""
+
+    POLL_MS = 100
+
+    def __init__(self, sock, report):
+        self.report = report
+        self.socket = sock
+        # Not get_monitor_socket(): its name reuses the socket's fd number, which a closing
+        # listener's monitor may still hold, and its queue has a high-water mark, at which
+        # libzmq's blocking event send would stall an I/O thread (a flood of strangers).
+        address = f"inproc://disttrain-handshake-{uuid.uuid4().hex}"
+        sock.monitor(address, HANDSHAKE_EVENTS)
+        self.monitor = sock.context.socket(zmq.PAIR)
+        self.monitor.setsockopt(zmq.RCVHWM, 0)
+        self.monitor.setsockopt(zmq.LINGER, 0)
+        self.monitor.connect(address)
+        self.peers = {}           # fd -> host of an open tcp connection, where it was read
+        self.failure = None       # (event, detail) waiting for its DISCONNECTED
+        self.queue = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="disttrain-handshake-watch",
+                                       daemon=True)
+        self.thread.start()
+
+    def stop(self):
+        """Call from the thread that owns `sock`, before closing it. libzmq sends monitor
+        events with a blocking send from its I/O thread: were the reading end closed first,
+        the next event would stall that thread, and every connection it serves."""
+        self.socket.disable_monitor()
+        self.stopping.set()
+        self.thread.join(timeout=10 * self.POLL_MS / 1000)
+
+    def _run(self):
+        try:
+            while not self.stopping.is_set():
+                if self.queue or self.monitor.poll(self.POLL_MS):
+                    self._handle(self.queue.pop(0) if self.queue else self._next())
+        except zmq.ZMQError:
+            pass              # the context is going away: nothing left to watch
+        finally:
+            self.monitor.close(linger=0)
+
+    def _next(self):
+        return parse_monitor_message(self.monitor.recv_multipart())
+
+    def _handle(self, event):
+        kind, value = event["event"], int(event["value"])
+        if not event["endpoint"].startswith(b"tcp://"):
+            return            # ipc peers are this user's processes, named by pid
+        if self.failure is not None:
+            failure, self.failure = self.failure, None
+            failed_fd = value if kind == zmq.EVENT_DISCONNECTED else None
+            self.report(self.peers.get(failed_fd), *failure)
+        if kind == zmq.EVENT_ACCEPTED:
+            address = peer_host(value)
+            while self.monitor.poll(0):
+                self.queue.append(self._next())
+            if address is not None and not any(
+                    e["event"] == zmq.EVENT_DISCONNECTED and int(e["value"]) == value
+                    for e in self.queue):
+                self.peers[value] = address
+        elif kind == zmq.EVENT_DISCONNECTED:
+            self.peers.pop(value, None)
+        else:
+            self.failure = (zmq.Event(kind).name, _detail(kind, value))
+
+
+def _detail(kind, value):
+    if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+        return os.strerror(value) if value else "no detail"
+    try:
+        return zmq.Event(value).name
+    except ValueError:
+        return f"protocol error {value:#x}"
+
+
+def peer_host(fd):
+    """The peer host of an open tcp socket fd, or None where it is closed or no socket."""
+    try:
+        duplicate = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        probe = socket.socket(fileno=duplicate)
+    except OSError:          # the number is now some other kind of fd
+        os.close(duplicate)
+        return None
+    try:
+        return probe.getpeername()[0]
+    except (OSError, IndexError, TypeError):
+        return None
+    finally:
+        probe.close()
 
 
 class Connection:

@@ -15,6 +15,7 @@ from disttrain.ps.membership import Membership
 from disttrain.ps.protocol import Message
 from tests.ps.cluster import free_port
 from tests.ps.inprocess import job
+from tests.waiting import wait_until
 
 TIMEOUT = 30
 
@@ -182,6 +183,58 @@ def test_a_server_key_is_not_let_into_another_server(capfd):
             sock.close()
         finally:
             intruder.term()
+
+
+NO_CURVE = "server 0 refused a connection from {}: it does not speak CURVE"
+
+
+def test_a_peer_without_curve_is_logged_once_by_address_and_its_watch_ends_with_the_listener(
+        tmp_path, capfd):
+    """libzmq drops a peer that speaks no CURVE at the handshake, before ZAP: the listener's
+    monitor still logs it, once per address however often it comes back. The address is read
+    from the accepted fd, which a fast failure may have closed first (an 'unknown address',
+    also logged once), so the stranger keeps coming until its address was read once."""
+    directory = str(tmp_path / "keys")
+    auth.make_key_directory(directory, 1, 1)
+    security = auth.ServerCurve(auth.load_credentials(directory, "server", 0), ("worker",),
+                                "server 0")
+    listener = transport.Listener("127.0.0.1", with_ipc=False, security=security)
+    stranger = zmq.Context()
+    attempts = 0
+    seen = ""
+    try:
+        deadline = transport.Deadline(TIMEOUT, "the no-CURVE stranger's refusal by address")
+        while NO_CURVE.format("127.0.0.1") not in seen:
+            deadline.check()
+            sock = stranger.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(listener.tcp_address)
+            sock.send(b"register")
+            attempts += 1
+            seen += wait_for_text(capfd, NO_CURVE.format("127.0.0.1"), deadline_s=0.5)
+            assert sock.poll(0) == 0
+            sock.close()
+        # Twice more, each refused before the listener closes: no new line for 127.0.0.1.
+        for _ in range(2):
+            failures = security.handshake_failures
+            sock = stranger.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(listener.tcp_address)
+            sock.send(b"register")
+            wait_until(lambda: security.handshake_failures > failures, TIMEOUT,
+                       "the listener's monitor to see the stranger again")
+            sock.close()
+        watch = listener._watch
+    finally:
+        listener.close()
+        stranger.term()
+    assert not watch.thread.is_alive()
+    seen += capfd.readouterr().err
+    lines = [line for line in seen.splitlines() if "does not speak CURVE" in line]
+    assert lines.count("disttrain: " + NO_CURVE.format("127.0.0.1") + " (zmq: "
+                       "PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH; logged once per address)") == 1, lines
+    unknown = [line for line in lines if "an unknown address" in line]
+    assert len(lines) == 1 + len(unknown) and len(unknown) <= 1, (attempts, lines)
 
 
 @pytest.mark.parametrize("secure", [False, True])
