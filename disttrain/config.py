@@ -29,6 +29,16 @@ class Config:
     metrics_dir: str = None      # DISTTRAIN_METRICS_DIR: where per-step JSON lines go
     observe: frozenset = frozenset()   # DISTTRAIN_OBSERVE: report,trace (set by the launcher)
     progress: bool = True        # DISTTRAIN_PROGRESS=0: no progress bars
+    # Recovery (launch --max-restarts N sets the first two): while set, the job waits this
+    # long for a dead process's replacement instead of ending; unset, a death ends the job.
+    restart_timeout: float = None   # DISTTRAIN_RESTART_TIMEOUT, s
+    incarnation: int = 0         # DISTTRAIN_INCARNATION: restarts of this process so far
+    server_replicas: int = 0     # DISTTRAIN_SERVER_REPLICAS (launch --server-replicas): 0 | 1
+
+    @property
+    def recovery(self):
+        """True when a dead process is replaced (launch --max-restarts N, N > 0)."""
+        return self.restart_timeout is not None
 
     def required(self, name):
         """The value of field `name`; unset, the ConfigError its parser gives ''."""
@@ -103,7 +113,8 @@ _PARSERS = {"role": _role, "scheduler": _address, "num_workers": _count,
             "num_servers": _count, "device": _device, "rank": _count, "host": _text,
             "heartbeat_timeout": _seconds, "timeout": _seconds, "realtime": _flag,
             "keys": _text, "insecure": _flag, "metrics_dir": _text, "observe": _observed,
-            "progress": _flag}
+            "progress": _flag, "restart_timeout": _seconds, "incarnation": _count,
+            "server_replicas": _count}
 
 
 def from_env(environ=None):

@@ -27,6 +27,11 @@ def test_a_launcher_environment_is_parsed_into_typed_fields():
         observe=frozenset({"report", "trace"}), progress=False)
     assert config.from_env({"DISTTRAIN_OBSERVE": "report"}).observe == {"report"}
     assert config.from_env({"DISTTRAIN_INSECURE": "1"}).insecure is True
+    recovering = config.from_env({"DISTTRAIN_RESTART_TIMEOUT": "30", "DISTTRAIN_INCARNATION": "2",
+                                  "DISTTRAIN_SERVER_REPLICAS": "1"})
+    assert (recovering.restart_timeout, recovering.incarnation, recovering.server_replicas,
+            recovering.recovery) == (30.0, 2, 1, True)
+    assert config.from_env({}).recovery is False
 
 
 def test_unset_and_empty_variables_take_the_documented_defaults():
@@ -58,6 +63,8 @@ def test_the_config_is_frozen():
     ("DISTTRAIN_HEARTBEAT_TIMEOUT", "-3", "DISTTRAIN_HEARTBEAT_TIMEOUT='-3' must be positive"),
     ("DISTTRAIN_HEARTBEAT_TIMEOUT", "nan", "DISTTRAIN_HEARTBEAT_TIMEOUT='nan' must be positive"),
     ("DISTTRAIN_REALTIME", "yes", "DISTTRAIN_REALTIME='yes' must be 0 or 1"),
+    ("DISTTRAIN_RESTART_TIMEOUT", "0", "DISTTRAIN_RESTART_TIMEOUT='0' must be positive"),
+    ("DISTTRAIN_INCARNATION", "-1", "DISTTRAIN_INCARNATION='-1' must be a non-negative integer"),
     ("DISTTRAIN_PROGRESS", "off", "DISTTRAIN_PROGRESS='off' must be 0 or 1"),
     ("DISTTRAIN_OBSERVE", "report,timeline",
      "DISTTRAIN_OBSERVE='report,timeline' must be a comma-separated list of report, trace"),
