@@ -482,6 +482,9 @@ def baseline(args, scratch, backend, hosts=None):
     summary = summary_of(run.stdout)
     if run.popen.returncode != 0 or summary is None:
         tail = "\n".join(run.stderr.text().splitlines()[-15:])
+        if "unrecognized arguments" in tail:
+            tail += ("\n(a launcher without --max-restarts / --server-replicas: run with "
+                     "--max-restarts 0 and without --server-replicas)")
         raise SystemExit(f"fault_matrix: the fault-free {backend} baseline failed (exit "
                          f"{run.popen.returncode}); no row can be measured against it:\n{tail}")
     say(f"baseline ({backend}): {run.wall_s:.1f} s, test accuracy {summary['test_accuracy']:.4f}, "
@@ -620,10 +623,11 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     rows, bases = [], {}
     with tempfile.TemporaryDirectory(prefix="fault-matrix-") as scratch:
-        bases["local"] = baseline(args, scratch, "local")
         for name in args.faults:
             fault = FAULTS[name]
             if fault.backend == "local":
+                if "local" not in bases:
+                    bases["local"] = baseline(args, scratch, "local")
                 rows.append(measure(args, scratch, name, fault, bases["local"]))
             elif fault.backend == "elastic":
                 rows.append(probe_elastic(args, scratch, name, fault))
