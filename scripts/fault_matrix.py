@@ -388,6 +388,10 @@ class Run:
             self.popen.wait()
             self.ended_at = time.monotonic()
         finally:
+            if self.popen.poll() is None:   # interrupted (Ctrl-C, SIGTERM): end it, then its tree
+                self.popen.kill()
+                self.popen.wait()
+                self.ended_at = time.monotonic()
             if fault is not None:
                 fault.finish(self)
             self.stdout.thread.join(10)
@@ -621,6 +625,8 @@ def parse_args(argv):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    # SIGTERM unwinds like Ctrl-C: every launcher tree is killed and the namespaces deleted.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     rows, bases = [], {}
     with tempfile.TemporaryDirectory(prefix="fault-matrix-") as scratch:
         for name in args.faults:
