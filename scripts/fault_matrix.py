@@ -394,9 +394,9 @@ class Run:
                 self.ended_at = time.monotonic()
             if fault is not None:
                 fault.finish(self)
+            self._collect_left_over()   # first: a leftover may hold the output pipes open
             self.stdout.thread.join(10)
             self.stderr.thread.join(10)
-            self._collect_left_over()
         if fault is not None and self.injected_at is None:
             self.notes.append("not injected: the job ended before its first step was recorded "
                               f"+ {inject_after_s:g} s")
@@ -440,8 +440,9 @@ class Run:
     def detection(self):
         if self.injected_at is None:
             return None
-        return self.stderr.first_match(self.injected_at, DETECTION) or \
-            self.stdout.first_match(self.injected_at, DETECTION)
+        found = [match for match in (self.stderr.first_match(self.injected_at, DETECTION),
+                                     self.stdout.first_match(self.injected_at, DETECTION)) if match]
+        return min(found) if found else None
 
 
 # ---- the matrix -----------------------------------------------------------------------

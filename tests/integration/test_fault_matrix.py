@@ -1,14 +1,18 @@
 """scripts/fault_matrix.py on a tiny MNIST job: the shape of its table and JSON line, the
 elastic rows left out of the counts, and nothing left running after a fault."""
 
+import contextlib
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 
 import pytest
 
 from tests.integration.conftest import (
     PYTHON, ROOT, TAG_VARIABLE, kill_tagged, new_tag, wait_for_no_tagged)
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +63,30 @@ def test_killed_worker_without_restarts_ends_the_job_detected_and_with_nothing_l
     assert list(totals["not_counted"]) == ["worker-add"]
     assert totals["left_over"] == 0
     assert tagged_left == []
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("fault_matrix", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_process_tree_still_counts_a_child_orphaned_when_its_parent_exited():
+    """What "left over" rests on: a process whose parent exited is reparented to init and no
+    longer descends from the root, yet the tree recorded it while it did."""
+    fault_matrix = load_script()
+    shell = subprocess.Popen(["sh", "-c", "sleep 60 >/dev/null & echo $!; read line"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             start_new_session=True)
+    orphan = int(shell.stdout.readline())
+    try:
+        tree = fault_matrix.ProcessTree(shell.pid, tag=new_tag()).scan()
+        shell.communicate("\n", timeout=20)   # the shell exits; its sleep lives on
+        assert fault_matrix.read_stat(orphan)[1] != shell.pid
+        assert orphan in tree.scan().alive()
+        tree.kill([orphan])
+        wait_until(lambda: orphan not in tree.alive(), 10, "the orphan to be killed")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
