@@ -1,7 +1,8 @@
 """What the launcher gathers over the observe channel (disttrain.observe.channel) from the
 marked lines of every process, on any back end: trace events, merged into one Chrome
-trace-event file for --timeline, and each process's end-of-run report, from which it prints
-the straggler report."""
+trace-event file for --timeline, each process's end-of-run report, from which it prints
+the straggler report, and the scheduler's word that a process stopped answering, which
+launch.lifecycle acts on with --max-restarts."""
 
 import json
 
@@ -19,6 +20,7 @@ class Collector:
         self.timeline = timeline
         self.traces = {}     # process name -> {"base": seconds, "events": [...]}
         self.reports = {}    # process name -> its report
+        self.unresponsive = []   # (role, rank, why) the scheduler reported, not yet taken
 
     def take(self, name, line):
         """True if `line` (bytes, no newline) was an observe message and is taken."""
@@ -28,11 +30,27 @@ class Collector:
         if message["kind"] == "trace" and self.timeline:
             track = self.traces.setdefault(name, {"base": None, "events": []})
             if isinstance(message.get("base"), (int, float)) and isinstance(message.get("events"), list):
-                track["base"] = message["base"]
-                track["events"] += message["events"]
+                events = message["events"]
+                if track["base"] is None:
+                    track["base"] = message["base"]
+                elif message["base"] != track["base"]:
+                    # A restarted process traces from a base of its own: keep the track's.
+                    shift = (message["base"] - track["base"]) * 1e6
+                    events = [shifted(event, shift) for event in events]
+                track["events"] += events
         elif message["kind"] == "report":
             self.reports[name] = message
+        elif message["kind"] == "unresponsive" and name == "scheduler":
+            # Only the scheduler watches heartbeats; from any other process it is ignored.
+            role, rank, why = message.get("role"), message.get("rank"), message.get("why")
+            if role in ("worker", "server") and type(rank) is int:
+                self.unresponsive.append((role, rank, why if isinstance(why, str) else "unresponsive"))
         return True
+
+    def take_unresponsive(self):
+        """The (role, rank, why) of each process reported unresponsive since the last call."""
+        taken, self.unresponsive = self.unresponsive, []
+        return taken
 
     def write_timeline(self, names):
         """Write the timeline (tracks in the order of `names`); its path, or None."""
@@ -45,6 +63,15 @@ class Collector:
 
     def straggler_report(self):
         return straggler_lines(self.reports)
+
+
+def shifted(event, shift_us):
+    """A trace event [label, start, end, args] moved later by `shift_us`; a malformed one as is."""
+    try:
+        label, start, end, args = event
+        return [label, start + shift_us, None if end is None else end + shift_us, args]
+    except (TypeError, ValueError):
+        return event
 
 
 def chrome_trace(tracks):
