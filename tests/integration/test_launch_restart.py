@@ -1,6 +1,6 @@
 """The launcher's --max-restarts: a process killed with SIGKILL, or reported unresponsive
 by the scheduler, is started again with the same role and rank and the next
-DISTTRAIN_INCARNATION, on the local and the ssh back end, until the job-wide budget is
+DISTTRAIN_INCARNATION, on the local, ssh and Slurm back ends, until the job-wide budget is
 spent; then the job ends as without restarts. Fake programs stand in for the job."""
 
 import json
@@ -14,6 +14,7 @@ from launch.lifecycle import KILL_LINE
 from tests.integration.conftest import (
     PROGRAMS, PYTHON, ROOT, TAG_VARIABLE, environ_of, launcher_argv, new_tag, tagged_pids,
     wait_for_no_tagged)
+from tests.integration.test_launch_slurm import salloc, slurm_env  # noqa: F401 (a fixture)
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -310,3 +311,34 @@ def test_the_kill_line_makes_the_guard_kill_a_stopped_program_that_ignores_sigte
         assert wait_for_no_tagged(tag) == []
     finally:
         end_guard(popen)
+
+
+# ---- Slurm back end (a private single-node Slurm, as in test_launch_slurm) ------------
+
+def test_slurm_back_end_restarts_a_killed_srun_step_as_a_new_step(slurm_env, launch_run, tmp_path):
+    tag, files = new_tag(), Files(tmp_path)
+    run = launch_run(restart_argv(files, tag, "--launcher", "slurm", "--max-restarts", "1"), tag,
+                     prefix=salloc(2), env=slurm_env)
+    first = wait_for_program(tag, "worker", 1, 0)
+    wait_for_started(files, "worker 1", 1)
+    os.kill(first, signal.SIGKILL)
+    wait_for_started(files, "worker 1", 2)
+    files.release.touch()
+    assert run.finish() == 0, run.stderr
+    assert "launch: restarting worker 1 (exit 137: SIGKILL on " in run.stderr
+    assert [line["incarnation"] for line in worker_lines(files.log("worker 1"))] == [0, 1]
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_slurm_back_end_kills_a_frozen_step_through_srun_and_restarts_it(slurm_env, launch_run, tmp_path):
+    tag, files = new_tag(), Files(tmp_path)
+    run = launch_run(restart_argv(files, tag, "--launcher", "slurm", "--max-restarts", "1",
+                                  "--grace", "60", worker_options=["--freeze-rank", "1", "--ignore-sigterm"]),
+                     tag, prefix=salloc(2), env=slurm_env)
+    wait_for_started(files, "worker 1", 2)
+    files.release.touch()
+    # Only the guard's SIGKILL, on the kill line that srun forwarded, ends the frozen worker
+    # within the test's deadline (it ignores SIGTERM; --grace is 60 s).
+    assert run.finish() == 0, run.stderr
+    assert "launch: restarting worker 1 (no heartbeat for 1.5 s (test)), restart 1 of 1\n" in run.stderr
+    assert wait_for_no_tagged(tag) == []
