@@ -177,7 +177,6 @@ class Job:
         self.children = [Child(process, command) for process, command in zip(processes, commands)]
         self.max_restarts = max_restarts
         self.restarts = 0
-        self.retired = []  # children that were replaced, dead, their pipes closed
         self.log_file_of = {}  # process name -> its --log-dir file, which a replacement continues
         self.collector = collector  # a launch.observe.Collector: timeline and reports
         self.log_dir = log_dir
@@ -446,7 +445,6 @@ class Job:
         for fd in fds:
             self.selector.unregister(fd)
         self._close_pipes(child)
-        self.retired.append(child)
 
     def _drain_output(self):
         """Relays what is left in the pipes; a pipe that a stray process still holds
