@@ -134,7 +134,6 @@ def plan(args, environ, job_keys=None):
         # Every process reports at its end (the straggler report); with --timeline it
         # sends its trace events too, both as marked lines of its output.
         process.env["DISTTRAIN_OBSERVE"] = "report,trace" if args.timeline else "report"
-    for process in processes:
         process.env.update(recovery_environment(args))
     if args.bind:
         # Pinned workers cannot step aside for a server thread woken on their core; a
