@@ -62,6 +62,7 @@ class Child:
         self.command = command
         self.incarnation = incarnation  # how many times this process was restarted before
         self.popen = None
+        self.started_at = None  # time.monotonic() at its start
         self.returncode = None
         self.killed_by_us = False
         self.asked_to_stop = False
@@ -82,6 +83,7 @@ class Child:
             self.popen = subprocess.Popen(
                 self.command.argv, env=self.command.env, stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.started_at = time.monotonic()
         if self.command.stdin_data:
             # Keys travel inside the ssh connection, never on a command line; a process that
             # died at once shows in its exit code, not here.
@@ -355,19 +357,24 @@ class Job:
         return f"exit {code}: {hint}" if hint else f"exit {code}"
 
     def _check_unresponsive(self):
-        """Kills a process that the scheduler found silent (launch.observe passes its
-        `unresponsive` messages on) so that _check_exits restarts it. Without
-        --max-restarts the message is ignored: the scheduler ends the job as before."""
+        """Kills a process reported silent (launch.observe passes the `unresponsive`
+        messages on: the scheduler's about a worker or server, any other process's about
+        the scheduler) so that _check_exits restarts it. Without --max-restarts they are
+        ignored: the processes end the job as before."""
         if self.collector is None:
             return
-        for role, rank, why in self.collector.take_unresponsive():
+        for reporter, role, rank, why, silent_s in self.collector.take_unresponsive():
             child = next((child for child in self.children
                           if (child.process.role, child.process.rank) == (role, rank)), None)
             if not self.max_restarts or self.stopping or child is None or not child.running \
                     or child.unresponsive:
                 continue
+            if silent_s is not None and time.monotonic() - child.started_at < silent_s:
+                # Silent for longer than it has been running: a late report (one of several
+                # reporters) about the predecessor that this one replaced.
+                continue
             then = "to restart it" if self._may_restart() else "(no restart left)"
-            self._say(f"the scheduler reports {child.name} unresponsive ({why}); killing it {then}")
+            self._say(f"{reporter} reports {child.name} unresponsive ({why}); killing it {then}")
             child.unresponsive = why
             child.kill_at_once()
 

@@ -1,8 +1,9 @@
 """What the launcher gathers over the observe channel (disttrain.observe.channel) from the
 marked lines of every process, on any back end: trace events, merged into one Chrome
 trace-event file for --timeline, each process's end-of-run report, from which it prints
-the straggler report, and the scheduler's word that a process stopped answering, which
-launch.lifecycle acts on with --max-restarts."""
+the straggler report, and word that a process stopped answering (the scheduler's about a
+worker or server, any other's about the scheduler), which launch.lifecycle acts on with
+--max-restarts."""
 
 import json
 
@@ -20,7 +21,7 @@ class Collector:
         self.timeline = timeline
         self.traces = {}     # process name -> {"base": seconds, "events": [...]}
         self.reports = {}    # process name -> its report
-        self.unresponsive = []   # (role, rank, why) the scheduler reported, not yet taken
+        self.unresponsive = []   # (reporter, role, rank, why, silent_s) not yet taken
 
     def take(self, name, line):
         """True if `line` (bytes, no newline) was an observe message and is taken."""
@@ -40,15 +41,23 @@ class Collector:
                 track["events"] += events
         elif message["kind"] == "report":
             self.reports[name] = message
-        elif message["kind"] == "unresponsive" and name == "scheduler":
-            # Only the scheduler watches heartbeats; from any other process it is ignored.
+        elif message["kind"] == "unresponsive":
+            # Each node is watched by whom it heartbeats with: workers and servers by the
+            # scheduler, the scheduler by them (its replies stop). Other reports are dropped.
             role, rank, why = message.get("role"), message.get("rank"), message.get("why")
-            if role in ("worker", "server") and type(rank) is int:
-                self.unresponsive.append((role, rank, why if isinstance(why, str) else "unresponsive"))
+            why = why if isinstance(why, str) else "unresponsive"
+            silent_s = message.get("silent_s")
+            silent_s = silent_s if type(silent_s) in (int, float) else None
+            if name == "scheduler" and role in ("worker", "server") and type(rank) is int:
+                self.unresponsive.append((name, role, rank, why, silent_s))
+            elif name != "scheduler" and role == "scheduler":
+                self.unresponsive.append((name, "scheduler", None, why, silent_s))
         return True
 
     def take_unresponsive(self):
-        """The (role, rank, why) of each process reported unresponsive since the last call."""
+        """(reporter, role, rank, why, silent_s) for each process reported unresponsive
+        since the last call; rank None for the scheduler; silent_s (how long it had been
+        silent, optional) None when not given."""
         taken, self.unresponsive = self.unresponsive, []
         return taken
 

@@ -177,7 +177,7 @@ def test_a_worker_reported_unresponsive_is_killed_and_restarted(launch_run, tmp_
     assert not os.path.exists(f"/proc/{frozen}")   # killed and reaped before the restart
     files.release.touch()
     assert run.finish() == 0, run.stderr
-    assert ("launch: the scheduler reports worker 1 unresponsive (no heartbeat for 1.5 s (test)); "
+    assert ("launch: scheduler reports worker 1 unresponsive (no heartbeat for 1.5 s (test)); "
             "killing it to restart it\n") in run.stderr
     assert "launch: restarting worker 1 (no heartbeat for 1.5 s (test)), restart 1 of 1\n" in run.stderr
     assert [line["incarnation"] for line in worker_lines(files.log("worker 1"))] == [0, 1]
@@ -206,6 +206,33 @@ def test_without_max_restarts_an_unresponsive_report_is_ignored(launch_run, tmp_
     files.release.touch()
     assert run.finish() == 0, run.stderr
     assert "unresponsive" not in run.stderr
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_a_scheduler_reported_unresponsive_by_a_worker_is_killed_and_restarted_once(launch_run, tmp_path):
+    """Worker 0 reports the frozen scheduler; worker 1 reports it too, but only after the
+    restart: silent for longer than the new scheduler has run, its report is about the old
+    one, and the new scheduler (with a restart left to spend) is left alone."""
+    tag, files = new_tag(), Files(tmp_path)
+    run = launch_run(restart_argv(files, tag, "--max-restarts", "2",
+                                  worker_options=["--report-scheduler"]), tag)
+    scheduler = wait_for_program(tag, "scheduler", None, 0)
+    wait_for_started(files, "scheduler", 1)
+    for rank in (0, 1):
+        wait_for_started(files, f"worker {rank}", 1)
+    os.kill(scheduler, signal.SIGSTOP)
+    (tmp_path / "frozen-scheduler.0").touch()
+    wait_for_started(files, "scheduler", 2)
+    (tmp_path / "frozen-scheduler.1").touch()
+    # The launcher acts on a report in the pass that relays the line after it.
+    wait_until(lambda: "reported scheduler" in files.log("worker 1"), 20, "worker 1's report")
+    files.release.touch()
+    assert run.finish() == 0, run.stderr
+    assert ("launch: worker 0 reports scheduler unresponsive (no heartbeat reply (test)); "
+            "killing it to restart it\n") in run.stderr
+    assert "launch: restarting scheduler (no heartbeat reply (test)), restart 1 of 2\n" in run.stderr
+    assert "worker 1 reports" not in run.stderr
+    assert summary(run.stderr).endswith("restarts 1 of 2")
     assert wait_for_no_tagged(tag) == []
 
 

@@ -58,15 +58,24 @@ def test_the_schedulers_unresponsive_reports_are_taken_once_each():
     report = {"kind": "unresponsive", "role": "worker", "rank": 1, "why": "no heartbeat for 10.3 s"}
     assert collector.take("scheduler", marked(report))
     assert collector.take("scheduler", marked({**report, "role": "server", "rank": 0}))
-    assert collector.take_unresponsive() == [("worker", 1, "no heartbeat for 10.3 s"),
-                                             ("server", 0, "no heartbeat for 10.3 s")]
+    assert collector.take_unresponsive() == [("scheduler", "worker", 1, "no heartbeat for 10.3 s", None),
+                                             ("scheduler", "server", 0, "no heartbeat for 10.3 s", None)]
     assert collector.take_unresponsive() == []
+
+
+def test_any_other_process_may_report_the_scheduler_unresponsive():
+    collector = Collector()
+    assert collector.take("server 1", marked({"kind": "unresponsive", "role": "scheduler",
+                                              "why": "no heartbeat reply for 10.3 s",
+                                              "silent_s": 10.3}))
+    assert collector.take_unresponsive() == [("server 1", "scheduler", None,
+                                              "no heartbeat reply for 10.3 s", 10.3)]
 
 
 def test_unresponsive_reports_from_others_or_malformed_are_dropped():
     collector = Collector()
     report = {"kind": "unresponsive", "role": "worker", "rank": 1, "why": "no heartbeat"}
-    assert collector.take("worker 0", marked(report))          # only the scheduler watches
+    assert collector.take("worker 0", marked(report))          # only the scheduler watches it
     for bad in ({"role": "scheduler", "rank": 0}, {"role": "worker", "rank": "1"},
                 {"role": "worker", "rank": True}, {"role": "worker"}):
         assert collector.take("scheduler", marked({"kind": "unresponsive", "why": "x", **bad}))

@@ -7,6 +7,11 @@ rank alone) and exits 0.
 --freeze-rank R: worker R, in the incarnations given by --freeze-incarnations, writes
 $DISTTRAIN_TEST_FROZEN.INCARNATION (what restart_ps.py, the fake scheduler, watches for)
 and stops itself.
+
+--report-scheduler: worker R, once $DISTTRAIN_TEST_FROZEN-scheduler.R exists, tells the
+launcher that the scheduler is unresponsive, silent since $DISTTRAIN_TEST_FROZEN-scheduler.0
+was made (as a real process does when the scheduler's heartbeat replies stop), and prints
+`reported scheduler` on stderr.
 """
 
 import argparse
@@ -15,6 +20,11 @@ import os
 import signal
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+
+from disttrain.observe import channel  # noqa: E402
 
 DEADLINE_S = 60.0  # never outlive a broken test
 
@@ -23,6 +33,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--freeze-rank", type=int)
     parser.add_argument("--freeze-incarnations", default="0", help="comma-separated")
+    parser.add_argument("--report-scheduler", action="store_true")
     parser.add_argument("--ignore-sigterm", action="store_true",
                         help="as a worker busy writing its checkpoint would: only SIGKILL ends it")
     args = parser.parse_args()
@@ -42,8 +53,15 @@ def main():
         os.rename(marker + ".part", marker)   # whole, for the scheduler that polls for it
         os.kill(os.getpid(), signal.SIGSTOP)
     release = os.environ["DISTTRAIN_TEST_RELEASE"]
+    report = f"{os.environ['DISTTRAIN_TEST_FROZEN']}-scheduler.{rank}" if args.report_scheduler else None
     end = time.monotonic() + DEADLINE_S
     while not (os.path.exists(release) or os.path.exists(f"{release}.{rank}")):
+        if report and os.path.exists(report):
+            silent_since = os.stat(f"{os.environ['DISTTRAIN_TEST_FROZEN']}-scheduler.0").st_mtime
+            channel.send("unresponsive", {"role": "scheduler", "why": "no heartbeat reply (test)",
+                                          "silent_s": time.time() - silent_since})
+            print("reported scheduler", file=sys.stderr, flush=True)
+            report = None
         if time.monotonic() > end:
             print(f"worker {rank}: {release} did not appear within {DEADLINE_S:g} s", file=sys.stderr)
             return 1
