@@ -366,8 +366,9 @@ class Job:
         for reporter, role, rank, why, silent_s in self.collector.take_unresponsive():
             child = next((child for child in self.children
                           if (child.process.role, child.process.rank) == (role, rank)), None)
-            if not self.max_restarts or self.stopping or child is None or not child.running \
-                    or child.unresponsive:
+            # Once every worker is done (stop_at), the rest is ending anyway.
+            if not self.max_restarts or self.stopping or self.stop_at is not None \
+                    or child is None or not child.running or child.unresponsive:
                 continue
             if silent_s is not None and time.monotonic() - child.started_at < silent_s:
                 # Silent for longer than it has been running: a late report (one of several
