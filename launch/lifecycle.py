@@ -14,6 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 
+from disttrain import config
 from launch.output import LinePrefixer, prefix_for
 
 STOP_GRACE_S = 5.0      # SIGTERM, then SIGKILL this much later
@@ -162,6 +163,18 @@ def describe_status(code):
         with contextlib.suppress(ValueError):
             return signal.Signals(-code).name
     return str(code)
+
+
+def heartbeat_timeout(child):
+    """The DISTTRAIN_HEARTBEAT_TIMEOUT `child` runs with (0 when unknown). A remote process
+    gets only its contract environment; a local one ours as well."""
+    if child is None:
+        return 0.0
+    env = child.process.env if child.command.stopped_by_closing_stdin else child.command.env
+    try:
+        return config.from_env(env).heartbeat_timeout
+    except config.ConfigError:
+        return 0.0
 
 
 def exit_code_for(code):
@@ -364,20 +377,28 @@ class Job:
         if self.collector is None:
             return
         for reporter, role, rank, why, silent_s in self.collector.take_unresponsive():
-            child = next((child for child in self.children
-                          if (child.process.role, child.process.rank) == (role, rank)), None)
+            child = self._child(role, rank)
             # Once every worker is done (stop_at), the rest is ending anyway.
             if not self.max_restarts or self.stopping or self.stop_at is not None \
                     or child is None or not child.running or child.unresponsive:
                 continue
-            if silent_s is not None and time.monotonic() - child.started_at < silent_s:
-                # Silent for longer than it has been running: a late report (one of several
-                # reporters) about the predecessor that this one replaced.
+            # A process is reported only once silent for longer than the reporter's
+            # heartbeat timeout: a report about one that has not run that long (or as long
+            # as the report's silent_s) is about its predecessor, which this one replaced.
+            silent_s = max(silent_s or 0.0, heartbeat_timeout(self._child_named(reporter)))
+            if time.monotonic() - child.started_at < silent_s:
                 continue
             then = "to restart it" if self._may_restart() else "(no restart left)"
             self._say(f"{reporter} reports {child.name} unresponsive ({why}); killing it {then}")
             child.unresponsive = why
             child.kill_at_once()
+
+    def _child(self, role, rank):
+        return next((child for child in self.children
+                     if (child.process.role, child.process.rank) == (role, rank)), None)
+
+    def _child_named(self, name):
+        return next((child for child in self.children if child.name == name), None)
 
     @staticmethod
     def _stopped_as_asked(child, code):

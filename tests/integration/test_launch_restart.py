@@ -42,8 +42,10 @@ class Files:
         return path.read_text() if path.exists() else ""
 
 
-def restart_argv(files, tag, *options, worker_options=()):
+def restart_argv(files, tag, *options, worker_options=(), heartbeat_timeout="1"):
+    """The fake processes report a frozen one after `heartbeat_timeout` s of silence."""
     return launcher_argv("-n", "2", "--grace", "2", *files.options(), *options,
+                         "--env", f"DISTTRAIN_HEARTBEAT_TIMEOUT={heartbeat_timeout}",
                          command=RESTART_WORKER + list(worker_options), tag=tag, ps_command=RESTART_PS)
 
 
@@ -177,9 +179,9 @@ def test_a_worker_reported_unresponsive_is_killed_and_restarted(launch_run, tmp_
     assert not os.path.exists(f"/proc/{frozen}")   # killed and reaped before the restart
     files.release.touch()
     assert run.finish() == 0, run.stderr
-    assert ("launch: scheduler reports worker 1 unresponsive (no heartbeat for 1.5 s (test)); "
+    assert ("launch: scheduler reports worker 1 unresponsive (no heartbeat (test)); "
             "killing it to restart it\n") in run.stderr
-    assert "launch: restarting worker 1 (no heartbeat for 1.5 s (test)), restart 1 of 1\n" in run.stderr
+    assert "launch: restarting worker 1 (no heartbeat (test)), restart 1 of 1\n" in run.stderr
     assert [line["incarnation"] for line in worker_lines(files.log("worker 1"))] == [0, 1]
     assert wait_for_no_tagged(tag) == []
 
@@ -191,7 +193,7 @@ def test_an_unresponsive_worker_with_no_restart_left_ends_the_job(launch_run, tm
     assert run.finish() == 128 + signal.SIGKILL
     assert "killing it (no restart left)\n" in run.stderr
     assert ("launch: worker 1 exited with code -9 (SIGKILL), killed as unresponsive (no heartbeat "
-            "for 1.5 s (test)); no restart left (all 1 of --max-restarts used)\n") in run.stderr
+            "(test)); no restart left (all 1 of --max-restarts used)\n") in run.stderr
     assert wait_for_no_tagged(tag) == []
 
 
@@ -206,6 +208,24 @@ def test_without_max_restarts_an_unresponsive_report_is_ignored(launch_run, tmp_
     files.release.touch()
     assert run.finish() == 0, run.stderr
     assert "unresponsive" not in run.stderr
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_a_late_report_about_a_replaced_worker_leaves_its_replacement_alone(launch_run, tmp_path):
+    """The scheduler reports the killed worker 1 (silent since its death) only after the
+    launcher restarted it: the replacement has not run for a heartbeat timeout, so the report
+    (here without silent_s) is about the one it replaced."""
+    tag, files = new_tag(), Files(tmp_path)
+    run = launch_run(restart_argv(files, tag, "--max-restarts", "2", heartbeat_timeout="60"), tag)
+    os.kill(wait_for_program(tag, "worker", 1, 0), signal.SIGKILL)
+    wait_for_program(tag, "worker", 1, 1)
+    (tmp_path / "frozen.0").write_text(json.dumps({"role": "worker", "rank": 1, "at_once": True}))
+    # The launcher acts on a report in the pass that relays the line after it.
+    wait_until(lambda: "reported worker 1" in files.log("scheduler"), 20, "the report")
+    files.release.touch()
+    assert run.finish() == 0, run.stderr
+    assert "reports worker 1 unresponsive" not in run.stderr
+    assert summary(run.stderr).endswith("restarts 1 of 2")
     assert wait_for_no_tagged(tag) == []
 
 
@@ -278,7 +298,7 @@ def test_ssh_back_end_kills_a_frozen_remote_worker_through_its_guard_and_restart
     # The frozen worker ignores SIGTERM, and a --grace of 60 s would outlast the test's
     # deadline: the guard's SIGKILL came at once.
     assert run.finish() == 0, run.stderr
-    assert "launch: restarting worker 0 (no heartbeat for 1.5 s (test)), restart 1 of 1\n" in run.stderr
+    assert "launch: restarting worker 0 (no heartbeat (test)), restart 1 of 1\n" in run.stderr
     assert [line["incarnation"] for line in worker_lines(files.log("worker 0"))] == [0, 1]
     assert wait_for_no_tagged(tag) == []
 
@@ -367,5 +387,5 @@ def test_slurm_back_end_kills_a_frozen_step_through_srun_and_restarts_it(slurm_e
     # Only the guard's SIGKILL, on the kill line that srun forwarded, ends the frozen worker
     # within the test's deadline (it ignores SIGTERM; --grace is 60 s).
     assert run.finish() == 0, run.stderr
-    assert "launch: restarting worker 1 (no heartbeat for 1.5 s (test)), restart 1 of 1\n" in run.stderr
+    assert "launch: restarting worker 1 (no heartbeat (test)), restart 1 of 1\n" in run.stderr
     assert wait_for_no_tagged(tag) == []

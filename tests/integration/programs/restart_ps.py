@@ -2,7 +2,10 @@
 """fake_ps.py for the launcher's restart tests, whose scheduler also plays the heartbeat
 watcher: for each $DISTTRAIN_TEST_FROZEN.K file that restart_worker.py writes before it
 freezes, it sends the launcher one `unresponsive` message over the observe channel, as
-the real scheduler does for a silent node, then prints `reported ROLE RANK` on stderr."""
+the real scheduler does for a node silent for longer than DISTTRAIN_HEARTBEAT_TIMEOUT
+(counted from the file's mtime), then prints `reported ROLE RANK` on stderr. A file
+that says "at_once": true is reported at once and without silent_s (a report that comes
+late, about a process that was replaced meanwhile)."""
 
 import glob
 import json
@@ -18,23 +21,30 @@ import fake_ps  # noqa: E402
 from disttrain.observe import channel  # noqa: E402
 
 
-def report_frozen(pattern):
+def report_frozen(pattern, heartbeat_timeout):
     reported = set()
     end = time.monotonic() + fake_ps.DEADLINE_S
     while time.monotonic() < end:
         for path in sorted(set(glob.glob(pattern)) - reported):
             if path.endswith(".part"):
                 continue
-            reported.add(path)
             with open(path) as file:
                 node = json.load(file)
-            channel.send("unresponsive", {**node, "why": "no heartbeat for 1.5 s (test)"})
+            silent_s = time.time() - os.stat(path).st_mtime
+            report = {"role": node["role"], "rank": node["rank"], "why": "no heartbeat (test)"}
+            if not node.get("at_once"):
+                if silent_s <= heartbeat_timeout:
+                    continue
+                report["silent_s"] = silent_s
+            reported.add(path)
+            channel.send("unresponsive", report)
             print(f"reported {node['role']} {node['rank']}", file=sys.stderr, flush=True)
         time.sleep(0.05)
 
 
 if __name__ == "__main__":
     if os.environ["DISTTRAIN_ROLE"] == "scheduler" and os.environ.get("DISTTRAIN_TEST_FROZEN"):
-        threading.Thread(target=report_frozen, args=(os.environ["DISTTRAIN_TEST_FROZEN"] + ".*",),
-                         daemon=True).start()
+        threading.Thread(target=report_frozen, daemon=True, args=(
+            os.environ["DISTTRAIN_TEST_FROZEN"] + ".*",
+            float(os.environ.get("DISTTRAIN_HEARTBEAT_TIMEOUT", "10")))).start()
     sys.exit(fake_ps.main())

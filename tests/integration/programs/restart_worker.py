@@ -10,8 +10,8 @@ and stops itself.
 
 --report-scheduler: worker R, once $DISTTRAIN_TEST_FROZEN-scheduler.R exists, tells the
 launcher that the scheduler is unresponsive, silent since $DISTTRAIN_TEST_FROZEN-scheduler.0
-was made (as a real process does when the scheduler's heartbeat replies stop), and prints
-`reported scheduler` on stderr.
+was made, once that is longer than DISTTRAIN_HEARTBEAT_TIMEOUT (as a real process does when
+the scheduler's heartbeat replies stop), and prints `reported scheduler` on stderr.
 """
 
 import argparse
@@ -58,10 +58,12 @@ def main():
     while not (os.path.exists(release) or os.path.exists(f"{release}.{rank}")):
         if report and os.path.exists(report):
             silent_since = os.stat(f"{os.environ['DISTTRAIN_TEST_FROZEN']}-scheduler.0").st_mtime
-            channel.send("unresponsive", {"role": "scheduler", "why": "no heartbeat reply (test)",
-                                          "silent_s": time.time() - silent_since})
-            print("reported scheduler", file=sys.stderr, flush=True)
-            report = None
+            silent_s = time.time() - silent_since
+            if silent_s > float(os.environ.get("DISTTRAIN_HEARTBEAT_TIMEOUT", "10")):
+                channel.send("unresponsive", {"role": "scheduler", "why": "no heartbeat reply (test)",
+                                              "silent_s": silent_s})
+                print("reported scheduler", file=sys.stderr, flush=True)
+                report = None
         if time.monotonic() > end:
             print(f"worker {rank}: {release} did not appear within {DEADLINE_S:g} s", file=sys.stderr)
             return 1
