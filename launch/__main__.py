@@ -65,7 +65,8 @@ def build_parser():
                              "failure ends the job)")
     parser.add_argument("--restart-timeout", type=float, default=DEFAULT_RESTART_TIMEOUT_S,
                         metavar="S", help="with --max-restarts: how long the job waits for a "
-                                          "replacement (DISTTRAIN_RESTART_TIMEOUT, default %(default)g)")
+                                          "replacement (DISTTRAIN_RESTART_TIMEOUT, "
+                                          "default %(default)g)")
     parser.add_argument("--server-replicas", type=int, choices=(0, 1), default=0,
                         help="1: each server keeps a replica of the next one's shard, so a "
                              "restarted server loses no optimizer state (needs -s 2 or more)")
@@ -87,7 +88,8 @@ def parse_args(argv):
     if args.max_restarts < 0:
         parser.error(f"--max-restarts {args.max_restarts}: give 0 (no restarts) or more")
     if not args.restart_timeout > 0:
-        parser.error(f"--restart-timeout {args.restart_timeout:g}: must be a positive number of seconds")
+        parser.error(f"--restart-timeout {args.restart_timeout:g}: must be a positive number "
+                     f"of seconds")
     if args.server_replicas and args.num_servers < 2:
         parser.error(f"--server-replicas 1 with -s {args.num_servers}: a server's replica lives "
                      f"on the next server, so give -s 2 or more")

@@ -344,7 +344,8 @@ class Job:
         keys; DISTTRAIN_INCARNATION counts its restarts."""
         self.restarts += 1
         reason = child.unresponsive or self._exit_reason(child, code)
-        self._say(f"restarting {child.name} ({reason}), restart {self.restarts} of {self.max_restarts}")
+        self._say(f"restarting {child.name} ({reason}), "
+                  f"restart {self.restarts} of {self.max_restarts}")
         self._retire(child)
         incarnation = child.incarnation + 1
         replacement = Child(child.process,

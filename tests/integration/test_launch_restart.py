@@ -123,7 +123,8 @@ def test_each_restart_of_a_process_counts_its_incarnation_up(launch_run, tmp_pat
 
 
 def test_once_the_budget_is_spent_a_death_ends_the_job_naming_it(launch_run, tmp_path):
-    """The budget is the job's, not each process's: worker 0's death after worker 1's restart ends it."""
+    """The budget is the job's, not each process's: worker 0's death after worker 1's
+    restart ends it."""
     tag, files = new_tag(), Files(tmp_path)
     run = launch_run(restart_argv(files, tag, "--max-restarts", "1"), tag)
     os.kill(wait_for_program(tag, "worker", 1, 0), signal.SIGKILL)
@@ -229,7 +230,8 @@ def test_a_late_report_about_a_replaced_worker_leaves_its_replacement_alone(laun
     assert wait_for_no_tagged(tag) == []
 
 
-def test_a_scheduler_reported_unresponsive_by_a_worker_is_killed_and_restarted_once(launch_run, tmp_path):
+def test_a_scheduler_reported_unresponsive_by_a_worker_is_killed_and_restarted_once(
+        launch_run, tmp_path):
     """Worker 0 reports the frozen scheduler; worker 1 reports it too, but only after the
     restart: silent for longer than the new scheduler has run, its report is about the old
     one, and the new scheduler (with a restart left to spend) is left alone."""
@@ -272,11 +274,11 @@ def test_ssh_back_end_restarts_a_killed_remote_worker_on_its_host_with_its_keys(
     wait_for_started(files, "worker 1", 1)
     os.kill(first, signal.SIGKILL)
     second = wait_for_program(tag, "worker", 1, 1)
-    assert os.stat(f"/proc/{second}/ns/net").st_ino == os.stat(f"/run/netns/{namespace_hosts.names[2]}").st_ino
+    host = namespace_hosts.names[2]
+    assert os.stat(f"/proc/{second}/ns/net").st_ino == os.stat(f"/run/netns/{host}").st_ino
     wait_for_started(files, "worker 1", 2)
     files.release.touch()
     assert run.finish() == 0, run.stderr
-    host = namespace_hosts.names[2]
     assert f"launch: restarting worker 1 (exit 137: SIGKILL on {host}), restart 1 of 1\n" in run.stderr
     lines = worker_lines(files.log("worker 1"))
     # The guard of the restarted worker got the keys on its stdin again.
@@ -310,8 +312,8 @@ def guarded_stopped_program(tag, *program_lines):
     code = "\n".join(["import os, signal", *program_lines,
                       "print('ready', flush=True)", "os.kill(os.getpid(), signal.SIGSTOP)",
                       "import time; time.sleep(60)"])
-    popen = subprocess.Popen([PYTHON, "-m", "launch.guard", "--grace", "60", "--", PYTHON, "-c", code],
-                             cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    popen = subprocess.Popen([PYTHON, "-m", "launch.guard", "--grace", "60", "--",
+                              PYTHON, "-c", code], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                              env={**os.environ, TAG_VARIABLE: tag}, start_new_session=True)
     assert popen.stdout.readline().strip() == b"ready"
     wait_until(lambda: [pid for pid in tagged_pids(tag) if pid != popen.pid and state_of(pid) == "T"],
@@ -362,7 +364,8 @@ def test_the_kill_line_makes_the_guard_kill_a_stopped_program_that_ignores_sigte
 
 # ---- Slurm back end (a private single-node Slurm, as in test_launch_slurm) ------------
 
-def test_slurm_back_end_restarts_a_killed_srun_step_as_a_new_step(slurm_env, launch_run, tmp_path):
+def test_slurm_back_end_restarts_a_killed_srun_step_as_a_new_step(
+        slurm_env, launch_run, tmp_path):
     tag, files = new_tag(), Files(tmp_path)
     run = launch_run(restart_argv(files, tag, "--launcher", "slurm", "--max-restarts", "1"), tag,
                      prefix=salloc(2), env=slurm_env)
@@ -377,10 +380,12 @@ def test_slurm_back_end_restarts_a_killed_srun_step_as_a_new_step(slurm_env, lau
     assert wait_for_no_tagged(tag) == []
 
 
-def test_slurm_back_end_kills_a_frozen_step_through_srun_and_restarts_it(slurm_env, launch_run, tmp_path):
+def test_slurm_back_end_kills_a_frozen_step_through_srun_and_restarts_it(
+        slurm_env, launch_run, tmp_path):
     tag, files = new_tag(), Files(tmp_path)
     run = launch_run(restart_argv(files, tag, "--launcher", "slurm", "--max-restarts", "1",
-                                  "--grace", "60", worker_options=["--freeze-rank", "1", "--ignore-sigterm"]),
+                                  "--grace", "60",
+                                  worker_options=["--freeze-rank", "1", "--ignore-sigterm"]),
                      tag, prefix=salloc(2), env=slurm_env)
     wait_for_started(files, "worker 1", 2)
     files.release.touch()

@@ -73,7 +73,8 @@ def test_core_for_wraps_around_the_allowed_cores():
     assert [core_for(index, {4, 6}) for index in range(3)] == [4, 6, 4]
 
 
-RECOVERY_VARIABLES = ("DISTTRAIN_RESTART_TIMEOUT", "DISTTRAIN_INCARNATION", "DISTTRAIN_SERVER_REPLICAS")
+RECOVERY_VARIABLES = ("DISTTRAIN_RESTART_TIMEOUT", "DISTTRAIN_INCARNATION",
+                      "DISTTRAIN_SERVER_REPLICAS")
 
 
 def test_without_restart_flags_no_process_gets_a_recovery_variable():

@@ -58,8 +58,9 @@ def test_the_schedulers_unresponsive_reports_are_taken_once_each():
     report = {"kind": "unresponsive", "role": "worker", "rank": 1, "why": "no heartbeat for 10.3 s"}
     assert collector.take("scheduler", marked(report))
     assert collector.take("scheduler", marked({**report, "role": "server", "rank": 0}))
-    assert collector.take_unresponsive() == [("scheduler", "worker", 1, "no heartbeat for 10.3 s", None),
-                                             ("scheduler", "server", 0, "no heartbeat for 10.3 s", None)]
+    why = "no heartbeat for 10.3 s"
+    assert collector.take_unresponsive() == [("scheduler", "worker", 1, why, None),
+                                             ("scheduler", "server", 0, why, None)]
     assert collector.take_unresponsive() == []
 
 
@@ -84,8 +85,10 @@ def test_unresponsive_reports_from_others_or_malformed_are_dropped():
 
 def test_a_restarted_process_traces_onto_its_first_incarnations_track():
     collector = Collector(timeline="unused.json")
-    collector.take("worker 1", marked({"kind": "trace", "base": 10.0, "events": [["step", 0, 5, None]]}))
-    collector.take("worker 1", marked({"kind": "trace", "base": 12.5, "events": [["step", 1, 3, None],
-                                                                                 ["mark", 2, None, None]]}))
+    first = [["step", 0, 5, None]]
+    second = [["step", 1, 3, None], ["mark", 2, None, None]]
+    collector.take("worker 1", marked({"kind": "trace", "base": 10.0, "events": first}))
+    collector.take("worker 1", marked({"kind": "trace", "base": 12.5, "events": second}))
     assert collector.traces["worker 1"] == {"base": 10.0, "events": [
-        ["step", 0, 5, None], ["step", 2500001.0, 2500003.0, None], ["mark", 2500002.0, None, None]]}
+        ["step", 0, 5, None], ["step", 2500001.0, 2500003.0, None],
+        ["mark", 2500002.0, None, None]]}

@@ -69,7 +69,8 @@ def test_ssh_command_rebuilt_for_a_restart_carries_the_incarnation_and_the_same_
                         python="/py", keys_line=b'{"files": {}}\n')
     second = first.with_env({"DISTTRAIN_INCARNATION": "1"}).with_env({"DISTTRAIN_INCARNATION": "2"})
     assert "DISTTRAIN_INCARNATION=0 " in first.argv[6]
-    assert second.argv[6] == first.argv[6].replace("DISTTRAIN_INCARNATION=0 ", "DISTTRAIN_INCARNATION=2 ")
+    assert second.argv[6] == first.argv[6].replace("DISTTRAIN_INCARNATION=0 ",
+                                                   "DISTTRAIN_INCARNATION=2 ")
     assert second.argv[:6] == first.argv[:6]
     assert (second.stdin_data, second.stopped_by_closing_stdin) == (first.stdin_data, True)
     assert process.env["DISTTRAIN_INCARNATION"] == "0"   # the plan itself is left alone
@@ -80,7 +81,8 @@ def test_srun_command_rebuilt_for_a_restart_is_the_same_step_with_the_new_incarn
     first = ssh_command(process, SRUN_TEMPLATE, 5.0, bind=False, cwd="/w", python="/py")
     again = first.with_env({"DISTTRAIN_INCARNATION": "1"})
     assert again.argv[:-1] == first.argv[:-1] and again.argv[0] == "srun"
-    assert again.argv[-1] == first.argv[-1].replace("DISTTRAIN_RANK=3", "DISTTRAIN_INCARNATION=1 DISTTRAIN_RANK=3")
+    assert again.argv[-1] == first.argv[-1].replace("DISTTRAIN_RANK=3",
+                                                    "DISTTRAIN_INCARNATION=1 DISTTRAIN_RANK=3")
 
 
 def test_rebuilt_ssh_line_runs_with_the_new_environment(tmp_path):
@@ -102,7 +104,8 @@ def test_rebuilt_ssh_line_runs_with_the_new_environment(tmp_path):
 
 def test_local_command_rebuilt_for_a_restart_changes_only_its_environment():
     from launch.local import local_command
-    process = Process("worker", 1, Host("localhost", 2, "127.0.0.1"), 1, ["prog"], {"DISTTRAIN_RANK": "1"})
+    process = Process("worker", 1, Host("localhost", 2, "127.0.0.1"), 1, ["prog"],
+                      {"DISTTRAIN_RANK": "1"})
     first = local_command(process, bind=False)
     again = first.with_env({"DISTTRAIN_INCARNATION": "1"})
     assert (again.argv, again.cpu, again.stopped_by_closing_stdin) == (first.argv, first.cpu, False)
