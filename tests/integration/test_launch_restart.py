@@ -85,6 +85,13 @@ def wait_for_started(files, name, count):
     wait_until(lambda: started() == count, 20, lambda: f"{count} starts of {name}: {files.log(name)}")
 
 
+def write_marker(path, node):
+    """What restart_worker.py writes before it freezes, whole (restart_ps.py polls for it)."""
+    part = path.with_name(path.name + ".part")
+    part.write_text(json.dumps(node))
+    part.rename(path)
+
+
 def summary(stderr):
     return stderr.strip().splitlines()[-1]
 
@@ -151,7 +158,8 @@ def test_without_max_restarts_a_death_ends_the_job_and_no_process_sees_recovery_
     assert wait_for_no_tagged(tag) == []
 
 
-def test_a_worker_that_exits_0_stays_done_and_the_job_waits_for_the_replaced_one(launch_run, tmp_path):
+def test_a_worker_that_exits_0_stays_done_and_the_job_waits_for_the_replaced_one(
+        launch_run, tmp_path):
     """Worker 0 finishes, then worker 1 is killed and replaced: the job goes on until the
     replacement finishes too, and worker 0 is never started again."""
     tag, files = new_tag(), Files(tmp_path)
@@ -159,7 +167,8 @@ def test_a_worker_that_exits_0_stays_done_and_the_job_waits_for_the_replaced_one
     worker_1 = wait_for_program(tag, "worker", 1, 0)
     wait_for_started(files, "worker 1", 1)
     (tmp_path / "release.0").touch()
-    wait_until(lambda: "worker 0 incarnation 0 done" in files.log("worker 0"), 20, "worker 0 to finish")
+    wait_until(lambda: "worker 0 incarnation 0 done" in files.log("worker 0"), 20,
+               "worker 0 to finish")
     os.kill(worker_1, signal.SIGKILL)
     wait_for_started(files, "worker 1", 2)
     assert run.popen.poll() is None
@@ -204,7 +213,7 @@ def test_without_max_restarts_an_unresponsive_report_is_ignored(launch_run, tmp_
     tag, files = new_tag(), Files(tmp_path)
     run = launch_run(restart_argv(files, tag), tag)
     wait_until(lambda: program_of(tag, "worker", 1, None), 20, "worker 1 to start")
-    (tmp_path / "frozen.0").write_text(json.dumps({"role": "worker", "rank": 1}))
+    write_marker(tmp_path / "frozen.0", {"role": "worker", "rank": 1})
     wait_until(lambda: "reported worker 1" in files.log("scheduler"), 20, "the report")
     files.release.touch()
     assert run.finish() == 0, run.stderr
@@ -220,7 +229,7 @@ def test_a_late_report_about_a_replaced_worker_leaves_its_replacement_alone(laun
     run = launch_run(restart_argv(files, tag, "--max-restarts", "2", heartbeat_timeout="60"), tag)
     os.kill(wait_for_program(tag, "worker", 1, 0), signal.SIGKILL)
     wait_for_program(tag, "worker", 1, 1)
-    (tmp_path / "frozen.0").write_text(json.dumps({"role": "worker", "rank": 1, "at_once": True}))
+    write_marker(tmp_path / "frozen.0", {"role": "worker", "rank": 1, "at_once": True})
     # The launcher acts on a report in the pass that relays the line after it.
     wait_until(lambda: "reported worker 1" in files.log("scheduler"), 20, "the report")
     files.release.touch()
