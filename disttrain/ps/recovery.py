@@ -4,6 +4,8 @@ the previous clock (sync mode with recovery on) and answers the ops `recover` an
 ps/server.py calls in here; the state it reads lives on its KeyChunks and Groups."""
 import json
 import sys
+import time
+from collections import deque
 
 from disttrain.ps.protocol import Message, RequestError
 
@@ -79,6 +81,39 @@ def exact_weights(key, clock):
     """The weights of version `clock` for an exact pull checked by check_exact, once the
     key is at version >= clock: the current ones, or those kept from one version before."""
     return key.previous if key.version == clock + 1 else key.param
+
+
+# --- a replacement's first requests ----------------------------------------------------
+class Newcomers:
+    """Requests over ipc from a process of this host that the address book does not name yet:
+    a replacement's first request can overtake the scheduler's book notice naming its pid.
+    With recovery on they are held (in order) until the notice came, at most `patience` s
+    (the heartbeat timeout), then handled as any other request (refused, if still unknown)."""
+
+    def __init__(self, patience):
+        self.patience = patience or 0   # 0: recovery off, nothing is held
+        self.held = deque()             # (deadline, identity, message), in arrival order
+
+    def hold(self, identity, message):
+        if not self.patience or not message.peer.startswith("process "):
+            return False
+        self.held.append((time.monotonic() + self.patience, identity, message))
+        return True
+
+    def next(self, security):
+        """The first held request whose sender is known now (its peer set to that member),
+        or whose time is up; else None."""
+        if not self.held:
+            return None
+        deadline, identity, message = self.held[0]
+        pid = int(message.peer.split()[1])
+        known = security is not None and pid in security.local_peers
+        if not known and time.monotonic() < deadline:
+            return None
+        self.held.popleft()
+        if known:
+            message.peer = security.local_peers[pid]
+        return identity, message
 
 
 # --- ops ------------------------------------------------------------------------------------

@@ -632,6 +632,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
         book_version = membership.book_version
+        newcomers = recovery.Newcomers(membership.restart_timeout and membership.heartbeat_timeout)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
@@ -640,7 +641,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                 if listener.security is not None:
                     listener.security.learn_local_peers(membership.book, transport.host_identity())
             try:
-                received = listener.receive(100)
+                received = newcomers.next(listener.security) or listener.receive(100)
             except protocol.ProtocolError as error:
                 rejections.say(str(error))
                 listener.send(error.identity, protocol.error_reply(
@@ -652,6 +653,8 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             identity, message = received
             started = time.perf_counter()
             refusal = auth.worker_refusal(message)
+            if refusal and newcomers.hold(identity, message):
+                continue
             try:
                 replies = [(identity, protocol.error_reply(message.id, state.sender, refusal))] \
                     if refusal else state.handle(identity, message)
