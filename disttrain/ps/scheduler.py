@@ -99,6 +99,7 @@ class Scheduler:
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
                                                   f"valid ranks are 0..{self.size[role] - 1}")
+        self._forget_predecessor(role, requested)
         taken = [n for n in self.nodes.values() if n["role"] == role]
         if requested is not None and any(n.get("rank") == requested for n in taken):
             return self._error(identity, message, f"{role} rank {requested} registered twice")
@@ -184,6 +185,20 @@ class Scheduler:
             if other != node_id:
                 self.listener.send(heartbeat_identity(other), Message(
                     "book", 0, "scheduler", meta={"book": self.book, "role": role, "rank": rank}))
+
+    def _forget_predecessor(self, role, rank):
+        """Before the book is out, with recovery on: a register for a rank already taken
+        comes from the replacement of a process that died while the job started (a launcher
+        starts one only after the death), which takes its place in the registration."""
+        if self.restart_timeout is None or rank is None:
+            return
+        for node_id, node in list(self.nodes.items()):
+            if node["role"] == role and node.get("rank") == rank:
+                del self.nodes[node_id]
+                self.unresponsive.pop(node_id, None)
+                self.replaced.add(node_id)
+                self.pending = [(i, m) for i, m in self.pending if m.meta["node"] != node_id]
+                _say(f"{role} {rank} registers again (a replacement, before the job started)")
 
     def _refuse_replaced(self, identity, message):
         """A node that a replacement took over speaks again (it was frozen): it must go."""

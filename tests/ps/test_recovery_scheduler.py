@@ -19,7 +19,7 @@ TIMEOUT = 30
 @contextmanager
 def recovery_job(heartbeat_timeout=5.0, restart_timeout=30.0):
     """An insecure scheduler for 1 worker and 1 server on a thread; yields (address, the
-    result list that gets run()'s exit code, join())."""
+    result list that gets run()'s exit code, join(), the Scheduler)."""
     address = f"127.0.0.1:{free_port()}"
     sched = scheduler.Scheduler(address, 1, 1, heartbeat_timeout=heartbeat_timeout,
                                 timeout=TIMEOUT, credentials=None,
@@ -28,7 +28,7 @@ def recovery_job(heartbeat_timeout=5.0, restart_timeout=30.0):
     thread = threading.Thread(target=lambda: result.append(sched.run()), daemon=True)
     thread.start()
     try:
-        yield address, result, lambda: thread.join(TIMEOUT) or result
+        yield address, result, lambda: thread.join(TIMEOUT) or result, sched
     finally:
         thread.join(TIMEOUT)
         assert not thread.is_alive(), "the scheduler did not stop"
@@ -43,13 +43,13 @@ def member(role, address, heartbeat_timeout=5.0):
 
 def register_all(*nodes):
     """Register nodes at once (each register waits for everyone)."""
-    threads = [threading.Thread(target=node.register, kwargs=dict(tcp=f"tcp://first-{i}"))
+    threads = [threading.Thread(target=node.register, kwargs=dict(tcp=f"tcp://first-{i}", rank=0))
                for i, node in enumerate(nodes)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(TIMEOUT)
-    assert all(node.rank == 0 and not node.recovery for node in nodes)
+    assert all(node.rank == 0 and not node.recovery for node in nodes), [(n.role, n.rank, n.recovery, n.dead) for n in nodes]
 
 
 class Stderr:
@@ -71,7 +71,7 @@ def marked(text, kind):
 
 
 def test_a_register_after_the_start_replaces_that_rank_and_tells_everyone():
-    with recovery_job() as (address, result, join):
+    with recovery_job() as (address, result, join, _):
         server, worker = member("server", address), member("worker", address)
         register_all(server, worker)
         replacement = member("worker", address)
@@ -116,7 +116,7 @@ def test_without_recovery_a_register_after_the_start_is_refused(monkeypatch):
 def test_a_silent_node_is_reported_unresponsive_once_and_the_job_goes_on_with_its_replacement(
         capfd):
     stderr = Stderr(capfd)
-    with recovery_job(heartbeat_timeout=2.0) as (address, result, join):
+    with recovery_job(heartbeat_timeout=2.0) as (address, result, join, _):
         server, worker = member("server", address, 2.0), member("worker", address, 2.0)
         register_all(server, worker)
         worker.close()    # silent from now on, as a SIGSTOPped process
@@ -138,7 +138,7 @@ def test_a_silent_node_is_reported_unresponsive_once_and_the_job_goes_on_with_it
 
 def test_a_silent_node_is_named_dead_once_no_replacement_came_within_the_restart_timeout(
         capfd):
-    with recovery_job(heartbeat_timeout=2.0, restart_timeout=1.0) as (address, result, join):
+    with recovery_job(heartbeat_timeout=2.0, restart_timeout=1.0) as (address, result, join, _):
         server, worker = member("server", address, 2.0), member("worker", address, 2.0)
         try:
             register_all(server, worker)
@@ -151,3 +151,34 @@ def test_a_silent_node_is_named_dead_once_no_replacement_came_within_the_restart
             wait_until(lambda: server.dead, TIMEOUT, "the server hearing of the death")
         finally:
             server.close()
+
+
+def test_a_replacement_before_the_start_takes_the_place_of_the_one_it_replaces():
+    with recovery_job() as (address, result, join, sched):
+        dead, worker, server = (member("worker", address), member("worker", address),
+                                member("server", address))
+        try:
+            threads, errors = [], []
+
+            def register(node):
+                try:
+                    node.register(tcp=f"tcp://{id(node)}", rank=0)
+                except Exception as error:   # `dead`'s, never answered: it was replaced
+                    errors.append((node, error))
+            for node in (dead, worker):   # in this order: the worker replaces `dead`
+                threads.append(threading.Thread(target=register, args=(node,), daemon=True))
+                threads[-1].start()
+                wait_until(lambda: node.node_id in sched.nodes, TIMEOUT, "its registration")
+            assert dead.node_id not in sched.nodes
+            book = server.register(rank=0)   # the last one: the book goes out
+            threads[1].join(TIMEOUT)
+            assert worker.rank == 0 and not worker.recovery
+            assert book["worker"][0]["tcp"] == f"tcp://{id(worker)}"
+            wait_until(lambda: dead.replaced, TIMEOUT, "the first registrant being told")
+            threads[0].join(TIMEOUT)
+            assert [(node, type(error).__name__) for node, error in errors] == [(dead, "PeerDied")]
+            worker.goodbye()
+            assert join() == [0]
+        finally:
+            for node in (dead, server, worker):
+                node.close()
