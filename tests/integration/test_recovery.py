@@ -27,11 +27,11 @@ MNIST = [sys.executable, os.path.join(ROOT, "workers", "mnist.py"), "--model", "
 class RecoveryJob(Cluster):
     """A Cluster whose processes run with recovery on (DISTTRAIN_RESTART_TIMEOUT)."""
 
-    def __init__(self, directory, num_servers, heartbeat_timeout=10):
+    def __init__(self, directory, num_servers, heartbeat_timeout=10, mode="sync"):
         super().__init__(directory, 2, num_servers, heartbeat_timeout=heartbeat_timeout,
                          timeout=120)
         self.env["DISTTRAIN_RESTART_TIMEOUT"] = "60"
-        self.argv = MNIST + ["--loss-log", os.path.join(self.directory, "loss.log"),
+        self.argv = MNIST + ["--mode", mode, "--loss-log", os.path.join(self.directory, "loss.log"),
                              "--checkpoint-dir", os.path.join(self.directory, "checkpoints")]
 
     def start(self):
@@ -104,9 +104,9 @@ def _unbroken(directory, num_servers):
         return job.steps_logged(), job.summary(), job.final_state(), job.losses()
 
 
-def _assert_every_chunk_applied_workers_times_clocks(job):
+def _assert_every_chunk_applied_workers_times_clocks(job, versions=STEPS):
     counts = job.contributions()
-    assert counts and all(pair == [2 * STEPS, STEPS] for pair in counts.values()), counts
+    assert counts and all(pair == [2 * STEPS, versions] for pair in counts.values()), counts
 
 
 @pytest.mark.slow
@@ -141,6 +141,24 @@ def test_a_killed_worker_replaced_mid_run_leaves_the_job_as_if_nothing_happened(
         assert final["test_accuracy"] == summary["test_accuracy"]
         if killed != 0:   # rank 0 lived: its loss of every step is the unbroken run's
             assert job.losses() == losses
+
+
+@pytest.mark.slow
+def test_in_async_mode_a_replacement_continues_where_its_predecessor_stopped(tmp_path):
+    """Async: the other worker does not wait; the replacement pulls the current weights
+    (no exact version: there is none to redo) and pushes the clocks its predecessor had not,
+    so every worker's every clock is still applied exactly once."""
+    with RecoveryJob(tmp_path, 1, mode="async") as job:
+        job.start()
+        wait_until(lambda: job.steps_logged() >= 6, 120, lambda: job.report(job.wait(0)))
+        job.kill("worker1")
+        job.replace(1)
+        codes = job.finish()
+        assert codes.pop("worker1") == -signal.SIGKILL
+        assert set(codes.values()) == {0}, job.report(codes)
+        assert "resuming at clock" in job.read("worker1-replacement")
+        # Async applies each push as it comes: one version per push.
+        _assert_every_chunk_applied_workers_times_clocks(job, versions=2 * STEPS)
 
 
 @pytest.mark.slow
