@@ -24,10 +24,11 @@ def replayed(keys, rank, clock):
         raise RequestError(f"push: clock {clock!r} must be an int")
     seen = set()
     for key in keys:
-        if clock > key.pushes[rank]:
-            raise RequestError(f"push: worker {rank} sent clock {clock} for key {key.name!r}, "
-                               f"expected clock {key.pushes[rank]}")
-        if clock < key.pushes[rank]:
+        expected = key.pushes[rank]
+        if clock != expected:
+            if clock > expected:
+                raise RequestError(f"push: worker {rank} sent clock {clock} for key "
+                                   f"{key.name!r}, expected clock {expected}")
             seen.add(id(key))
     return seen
 
@@ -35,6 +36,8 @@ def replayed(keys, rank, clock):
 def fresh_units(units, seen):
     """The (target, gradient) pairs of a push that are not replays. A target's members are
     pushed together, so they are all replays or none; anything else is refused."""
+    if not seen:   # the usual push: nothing to filter
+        return units
     kept = []
     for target, gradient in units:
         replays = [id(key) in seen for key in target.members]
@@ -47,13 +50,7 @@ def fresh_units(units, seen):
     return kept
 
 
-# --- counting and the previous weights ----------------------------------------------------
-def count_applied(target, contributions):
-    """After an update of `target` built from `contributions` pushes."""
-    for key in target.members:
-        key.applied += contributions
-
-
+# --- the previous weights -------------------------------------------------------------------
 def keep_previous(target):
     """Before an update of `target`: keep its weights, so that a pull can still be answered
     with the version before it (what a replacement worker must redo its clock from)."""

@@ -491,10 +491,10 @@ class ServerState:
 
     @staticmethod
     def _count_update(target, contributions):
-        recovery.count_applied(target, contributions)
         target.version += 1
         for key in target.members:
             key.version = target.version
+            key.applied += contributions   # pushes summed into updates (ps/recovery.py)
 
     def _apply(self, target, accumulator, lr, divisor):
         """Run the optimizer rule on the target with the mean gradient of a clock (or of one
