@@ -31,6 +31,9 @@ class Membership:
     calling thread; heartbeats and dead-peer notices on a background thread with its own
     socket (zmq sockets are never shared between threads)."""
 
+    # A replaced process ends at once (os._exit); tests running nodes on threads switch it off.
+    exit_when_replaced = True
+
     def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
                  exit_on_dead=False, credentials=auth.FROM_ENV, rank=None, restart_timeout=None):
         self.role, self.timeout = role, timeout
@@ -159,9 +162,6 @@ class Membership:
                 os._exit(1)
             return True
         return False
-
-    # A replaced process ends at once; tests running nodes on threads switch it off.
-    exit_when_replaced = True
 
     def _peer_died(self, text):
         _say(text)
