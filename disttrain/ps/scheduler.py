@@ -299,6 +299,8 @@ class Scheduler:
                                Message(op, 0, "scheduler", meta={"text": text}))
 
     def all_workers_left(self):
+        if self.book is None:   # a restarted scheduler that not everyone has rejoined yet
+            return False
         workers = [i for i, n in self.nodes.items() if n["role"] == "worker"]
         return len(workers) == self.size["worker"] and set(workers) <= self.said_goodbye
 

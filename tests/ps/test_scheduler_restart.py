@@ -199,6 +199,28 @@ def test_a_request_that_reaches_the_scheduler_twice_counts_once(job):
     assert worker._exchange(barrier, transport.Deadline(TIMEOUT, "barrier")).op == "reply"
 
 
+def test_a_restarted_scheduler_ends_the_job_only_once_every_process_is_back(job):
+    """Workers that rejoined and said goodbye do not end the job before the server is back:
+    it would never hear the shutdown."""
+    address, keys, nodes, schedulers = job
+    schedulers.append(SchedulerThread(address, keys))
+    start_nodes(address, keys, nodes)
+    server, late = nodes[0], threading.Event()
+    follow = server._follow_incarnation
+    server._follow_incarnation = lambda connection, incarnation: \
+        late.is_set() and follow(connection, incarnation)
+    schedulers[0].kill()
+    schedulers.append(SchedulerThread(address, keys, incarnation=1))
+    in_threads([nodes[1].goodbye, nodes[2].goodbye])
+    # Answered on a later turn of its loop: the scheduler has decided on the goodbyes.
+    raw_request(address, keys, "worker-0", Message("heartbeat", 3, "worker-0",
+                                                   meta={"node": "worker-x", "sent": 1.0}))
+    assert schedulers[1].thread.is_alive() and schedulers[1].scheduler.closing_since is None
+    late.set()
+    assert schedulers[1].finish() == 0
+    assert server.shutdown.wait(TIMEOUT) and server.dead is None
+
+
 def test_a_worker_gone_before_the_restart_counts_as_left_and_the_job_ends(job, capfd):
     address, keys, nodes, schedulers = job
     schedulers.append(SchedulerThread(address, keys))
