@@ -186,14 +186,15 @@ class Membership:
     def _follow_incarnation(self, connection, incarnation):
         """A heartbeat reply named scheduler process `incarnation`. Another one than the
         scheduler that holds this node in its book was restarted: rejoin it. Before this
-        node has its book, a change means the register in flight may be lost: the main
-        thread sends it again."""
+        node has its book, each scheduler process it hears of may not have its register
+        (the first may have been sent to one that died): the main thread sends it again
+        (a copy a scheduler already holds replaces the first)."""
         if not isinstance(incarnation, str):
             return
         if self._scheduler_incarnation is None:
-            if self._seen_incarnation not in (None, incarnation):
+            if self._seen_incarnation != incarnation:
+                self._seen_incarnation = incarnation
                 self._rejoins += 1
-            self._seen_incarnation = incarnation
             return
         if incarnation == self._scheduler_incarnation:
             return

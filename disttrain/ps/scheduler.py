@@ -130,7 +130,7 @@ class Scheduler:
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
                                                   f"valid ranks are 0..{self.size[role] - 1}")
-        if self.incarnation > 0 and self._registration_sent_again(identity, message):
+        if self._registration_sent_again(identity, message):
             return
         taken = [n for n in self.nodes.values() if n["role"] == role]
         if requested is not None and any(n.get("rank") == requested for n in taken):
@@ -243,8 +243,10 @@ class Scheduler:
         self.listener.send(identity, reply)
 
     def _registration_sent_again(self, identity, message):
-        """A registration that reached this restarted scheduler twice (queued while no
-        scheduler ran, then re-sent): the later copy takes the earlier's place."""
+        """A registration that reached this scheduler twice (with recovery on a node sends
+        it again to each scheduler process it hears of until it has its book; a restarted
+        one may also get the copy queued while no scheduler ran): the later copy takes the
+        earlier's place."""
         for index, (_, earlier) in enumerate(self.pending):
             if earlier.meta.get("node") == message.meta["node"]:
                 self.pending[index] = (identity, message)

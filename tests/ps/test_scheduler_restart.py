@@ -164,6 +164,24 @@ def test_a_restarted_scheduler_is_rejoined_by_every_process_keeping_ranks_and_bo
     assert nodes[0].shutdown.wait(TIMEOUT)
 
 
+def test_registrations_the_dead_scheduler_swallowed_are_sent_again_to_its_restart(job):
+    address, keys, nodes, schedulers = job
+    schedulers.append(SchedulerThread(address, keys))
+    for role, rank in ROLES:
+        nodes.append(Membership(role, address, HEARTBEAT_TIMEOUT, TIMEOUT,
+                                credentials=auth.load_credentials(keys, role, rank),
+                                restart_timeout=RESTART_TIMEOUT))
+    early = [in_background(lambda node=node, rank=rank: node.register(rank=rank))
+             for node, rank in ((nodes[0], 0), (nodes[1], 0))]
+    wait_until(lambda: len(schedulers[0].scheduler.pending) == 2, TIMEOUT,
+               "server 0 and worker 0 registered")
+    schedulers[0].kill()     # before the book was out: nobody has one
+    schedulers.append(SchedulerThread(address, keys, incarnation=1))
+    books = [nodes[2].register(rank=1)] + [join() for join in early]
+    assert books[0] == books[1] == books[2] == schedulers[1].scheduler.book
+    assert [node.rank for node in nodes] == [0, 0, 1]
+
+
 def test_a_barrier_the_dead_scheduler_swallowed_is_sent_again_and_completes(job):
     address, keys, nodes, schedulers = job
     schedulers.append(SchedulerThread(address, keys))
