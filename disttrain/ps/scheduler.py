@@ -13,9 +13,10 @@ down, then re-sent) counts once. Requests from nodes that have not rejoined yet 
 with an error marked `rejoin`, which the node ignores (it re-sends after rejoining).
 
 The processes that do not rejoin within restart_timeout of this scheduler's start:
-- if nobody rejoined, the previous scheduler never sent its book (it died during
-  registration): they are handled as at a first start (plain re-sent registrations; too few
-  within the registration timeout ends the job);
+- if nobody came back at all, the job is gone: exit 1;
+- if some registered but nobody rejoined, the previous scheduler never sent its book (it
+  died during registration): they are handled as at a first start (plain re-sent
+  registrations; too few within the registration timeout ends the job);
 - a worker that did not rejoin counts as having left: it said goodbye to the previous
   scheduler and exited (a worker that died instead exits non-zero, which the launcher sees
   and handles: it restarts it, or ends the job). Its rank is then closed: a late rejoin is
@@ -255,9 +256,12 @@ class Scheduler:
 
     def _close_the_book(self):
         """restart_timeout after a restart, some processes have not rejoined (see the module
-        docstring): a missing server is dead (exit code 1); missing workers have left. None
-        when the job goes on."""
+        docstring): a missing server is dead, as is a job with nobody left (exit code 1);
+        missing workers have left. None when the job goes on."""
         waited = self.rejoin_deadline - self.started
+        if not self.nodes:
+            _say(f"scheduler: no process of the job came back within {waited:g} s")
+            return 1
         missing = {}
         for role in ROLES:
             nodes = [n for n in self.nodes.values() if n["role"] == role]
@@ -319,7 +323,8 @@ class Scheduler:
                     continue
                 if received is not None:
                     self.handle(*received)
-                if self.book is None and self.rejoined and \
+                if self.book is None and (self.rejoined or not self.nodes) and \
+                        self.rejoin_deadline is not None and \
                         time.monotonic() > self.rejoin_deadline:
                     code = self._close_the_book()
                     if code is not None:

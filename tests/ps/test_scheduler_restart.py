@@ -271,6 +271,13 @@ def test_a_server_that_does_not_rejoin_is_named_dead_to_everyone(job):
         node.close()
 
 
+def test_a_restarted_scheduler_nobody_comes_back_to_ends_non_zero(job, capfd):
+    address, keys, _, schedulers = job
+    schedulers.append(SchedulerThread(address, keys, incarnation=1, restart_timeout=1))
+    assert schedulers[0].finish() == 1
+    assert "no process of the job came back within 1 s" in capfd.readouterr().err
+
+
 def test_with_recovery_a_silent_scheduler_is_waited_for_past_the_heartbeat_timeout(job, capfd):
     address, keys, nodes, schedulers = job
     schedulers.append(SchedulerThread(address, keys))
