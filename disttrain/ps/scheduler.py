@@ -120,6 +120,8 @@ class Scheduler:
         if role not in ROLES or not isinstance(node_id, str):
             return self._error(identity, message, f"register needs role in {ROLES} and a node "
                                                   f"id, got role={role!r} node={node_id!r}")
+        if self._registration_sent_again(identity, message):
+            return
         if self.book is not None:
             return self._error(identity, message, f"{role} registered after the job started")
         refusal = auth.registration_refusal(message)
@@ -131,8 +133,6 @@ class Scheduler:
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
                                                   f"valid ranks are 0..{self.size[role] - 1}")
-        if self._registration_sent_again(identity, message):
-            return
         taken = [n for n in self.nodes.values() if n["role"] == role]
         if requested is not None and any(n.get("rank") == requested for n in taken):
             return self._error(identity, message, f"{role} rank {requested} registered twice")
@@ -246,10 +246,17 @@ class Scheduler:
     def _registration_sent_again(self, identity, message):
         """A registration that reached this scheduler twice (with recovery on a node sends
         it again to each scheduler process it hears of until it has its book; a restarted
-        one may also get the copy queued while no scheduler ran): the later copy takes the
-        earlier's place."""
+        one may also get the copy queued while no scheduler ran). Before the book, the later
+        copy takes the earlier's place; after it, it is answered again. True if it was one."""
+        node = self.nodes.get(message.meta["node"])
+        if node is None or node["peer"] != message.peer or node["role"] != message.meta["role"]:
+            return False    # not the same member's node: the checks of _register apply
+        if self.book is not None:
+            self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+                "rank": node["rank"], "book": self.book, "incarnation": self.incarnation_id}))
+            return True
         for index, (_, earlier) in enumerate(self.pending):
-            if earlier.meta.get("node") == message.meta["node"]:
+            if earlier.meta["node"] == message.meta["node"]:
                 self.pending[index] = (identity, message)
                 return True
         return False

@@ -239,6 +239,20 @@ def test_a_restarted_scheduler_ends_the_job_only_once_every_process_is_back(job)
     assert server.shutdown.wait(TIMEOUT) and server.dead is None
 
 
+def test_a_registration_sent_again_after_the_book_is_answered_with_the_same_book(job):
+    """A node re-sends its register to each scheduler process it hears of before it has
+    its book; a copy that arrives after the book is no second member (nor a recovery)."""
+    address, keys, nodes, schedulers = job
+    schedulers.append(SchedulerThread(address, keys))
+    book = start_nodes(address, keys, nodes)
+    worker = nodes[1]
+    again = Message("register", 99, "worker-0",
+                    meta=dict(worker._registration, rank=0, node=worker.node_id))
+    reply = worker._exchange(again, transport.Deadline(TIMEOUT, "register again"))
+    assert (reply.op, reply.meta["rank"], reply.meta["book"]) == ("reply", 0, book)
+    assert len(schedulers[0].scheduler.nodes) == 3
+
+
 def test_a_worker_gone_before_the_restart_counts_as_left_and_the_job_ends(job, capfd):
     address, keys, nodes, schedulers = job
     schedulers.append(SchedulerThread(address, keys))
