@@ -123,7 +123,9 @@ class Membership:
                                           f"{self.scheduler_address}",
                               rank=rank, **self._registration)
         self.rank = reply.meta["rank"]
-        self._scheduler_incarnation = reply.meta.get("incarnation")   # after the rank
+        # After the rank (the heartbeat thread reads both). Every register reply names its
+        # scheduler; where one would not, the one heard last answered it.
+        self._scheduler_incarnation = reply.meta.get("incarnation", self._seen_incarnation)
         return reply.meta["book"]
 
     def barrier(self, group="worker"):
