@@ -8,7 +8,7 @@ import pytest
 import zmq
 
 from disttrain.ps import auth, scheduler, transport
-from disttrain.ps.membership import Membership, heartbeat_identity
+from disttrain.ps.membership import Membership
 from disttrain.ps.protocol import Message
 from tests.ps.cluster import free_port
 from tests.ps.inprocess import TIMEOUT
@@ -297,8 +297,10 @@ def test_with_recovery_a_silent_scheduler_is_waited_for_past_the_heartbeat_timeo
     schedulers.append(SchedulerThread(address, keys))
     start_nodes(address, keys, nodes)
     schedulers[0].kill()
-    wait_until(lambda: capfd.readouterr().err.count("waiting up to 60 s for its restart") or None,
-               TIMEOUT, "the nodes say they wait for the restart")
+    said = []
+    wait_until(lambda: said.append(capfd.readouterr().err) or
+               "".join(said).count("waiting up to 60 s for its restart") == 3,
+               TIMEOUT, "the three nodes say they wait for the restart")
     # Silent for longer than the heartbeat timeout: still alive, and rejoin the restart.
     assert [node.dead for node in nodes] == [None] * 3
     schedulers.append(SchedulerThread(address, keys, incarnation=1))
