@@ -148,8 +148,10 @@ class Membership:
         waiting_said = False     # the "waiting for its restart" line, once per silence
         try:
             while not self._stop.is_set():
+                # Not blocking: a scheduler away for restart_timeout would fill the queue.
                 connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
-                                        meta={"node": self.node_id, "sent": time.time()}))
+                                        meta={"node": self.node_id, "sent": time.time()}),
+                                block=False)
                 next_beat = time.monotonic() + interval
                 while time.monotonic() < next_beat and not self._stop.is_set():
                     notice = connection.receive(50)

@@ -372,3 +372,15 @@ def test_every_heartbeat_reply_names_the_scheduler_process(job):
         "heartbeat", 3, "worker-0", meta={"node": "worker-x", "sent": 1.0}))
     assert again.meta["incarnation"] == schedulers[1].scheduler.incarnation_id \
         != reply.meta["incarnation"]
+
+
+def test_heartbeats_to_a_scheduler_that_is_away_are_dropped_once_queued_not_blocking():
+    """A node waits up to restart_timeout for a restart: beats queued all that time must
+    not block its heartbeat thread once zmq's queue is full."""
+    connection = transport.Connection(f"tcp://127.0.0.1:{free_port()}", b"beats")
+    try:
+        sent = [connection.send(Message("heartbeat", 0, "worker-0", meta={"node": "n"}),
+                                block=False) for _ in range(1001)]
+    finally:
+        connection.close()
+    assert sent[0] and not sent[-1]
