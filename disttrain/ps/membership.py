@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+from disttrain.observe import channel
 from disttrain.observe.trace import ClockOffset
 from disttrain.ps import auth, transport
 from disttrain.ps.protocol import Message
@@ -181,12 +182,20 @@ class Membership:
                                                f"{silent:.1f} s)")
                     if not waiting_said:
                         waiting_said = True
-                        _say(f"scheduler silent for {silent:.0f} s; waiting up to "
-                             f"{self.restart_timeout:g} s for its restart")
+                        self._report_silent_scheduler(silent)
         finally:
             connection.close()
 
     # --- a restarted scheduler (heartbeat thread) -----------------------------------
+    def _report_silent_scheduler(self, silent):
+        """Once per silence: say so, and tell the launcher (observe channel), which kills a
+        frozen scheduler and restarts it; it drops the reports of the other processes
+        (silent_s: a report about a process younger than that is about its predecessor)."""
+        _say(f"scheduler silent for {silent:.0f} s; waiting up to {self.restart_timeout:g} s "
+             f"for its restart")
+        channel.send("unresponsive", {"role": "scheduler", "silent_s": round(silent, 1),
+                                      "why": f"no heartbeat reply for {silent:.1f} s"})
+
     def _follow_incarnation(self, connection, incarnation):
         """A heartbeat reply named scheduler process `incarnation`. Another one than the
         scheduler that holds this node in its book was restarted: rejoin it. Before this

@@ -7,6 +7,7 @@ import threading
 import pytest
 import zmq
 
+from disttrain.observe import channel
 from disttrain.ps import auth, scheduler, transport
 from disttrain.ps.membership import Membership
 from disttrain.ps.protocol import Message
@@ -299,10 +300,15 @@ def test_with_recovery_a_silent_scheduler_is_waited_for_past_the_heartbeat_timeo
     schedulers[0].kill()
     said = []
     wait_until(lambda: said.append(capfd.readouterr().err) or
-               "".join(said).count("waiting up to 60 s for its restart") == 3,
-               TIMEOUT, "the three nodes say they wait for the restart")
+               "".join(said).count("waiting up to 60 s for its restart") ==
+               "".join(said).count('"kind":"unresponsive"') == 3,
+               TIMEOUT, "the three nodes say they wait for the restart, and tell the launcher")
     # Silent for longer than the heartbeat timeout: still alive, and rejoin the restart.
     assert [node.dead for node in nodes] == [None] * 3
+    # Each told the launcher, which kills a frozen scheduler to restart it.
+    reports = [channel.parse(line.encode()) for line in "".join(said).split("\n")]
+    assert [(r["role"], r["silent_s"] >= HEARTBEAT_TIMEOUT) for r in reports if r] == \
+        [("scheduler", True)] * 3
     schedulers.append(SchedulerThread(address, keys, incarnation=1))
     wait_until(lambda: schedulers[1].scheduler.book is not None, TIMEOUT, "every process rejoined")
     assert [node.dead for node in nodes] == [None] * 3
