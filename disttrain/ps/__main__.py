@@ -56,6 +56,7 @@ def main():
                                            heartbeat_timeout=settings.heartbeat_timeout,
                                            timeout=settings.timeout,
                                            credentials=credentials,
+                                           incarnation=settings.incarnation,
                                            restart_timeout=settings.restart_timeout).run()
             finally:
                 auth.stop_authenticator()   # its ZAP socket would keep term() waiting

@@ -1,11 +1,17 @@
 """Membership: a server's or worker's link to the scheduler (register, barriers, goodbye,
-heartbeats, dead-peer and shutdown notices); ps/scheduler.py is the other end."""
+heartbeats, dead-peer and shutdown notices); ps/scheduler.py is the other end.
+
+With recovery on (restart_timeout set) the scheduler may die and be started again: a silent
+scheduler is waited for up to restart_timeout, a new scheduler incarnation (the id in every
+heartbeat reply) is rejoined from the heartbeat thread, and the request the main thread waits
+on is sent again (ps/scheduler.py's docstring has the whole protocol)."""
 import itertools
 import os
 import sys
 import threading
 import time
 
+from disttrain.observe import channel
 from disttrain.observe.trace import ClockOffset
 from disttrain.ps import auth, transport
 from disttrain.ps.protocol import Message
@@ -35,7 +41,11 @@ class Membership:
     exit_when_replaced = True
 
     def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
-                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None, restart_timeout=None):
+                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None,
+                 restart_timeout=None):
+        """restart_timeout (Config.restart_timeout, recovery on): how long a silent scheduler
+        is waited for (it may be restarted) before it counts as dead; None: heartbeat_timeout,
+        and a scheduler is never rejoined."""
         self.role, self.timeout = role, timeout
         # Keys are per rank, so a keyed process knows its rank before it registers.
         self.credentials = auth.resolve(credentials, role, rank)
@@ -59,6 +69,13 @@ class Membership:
         self.book = None          # the current public address book
         self.book_version = 0     # +1 per book notice (a replacement took over a rank)
         self.replaced = None      # text of the scheduler's `replaced` answer, once it came
+        # Scheduler restarts (recovery): see _follow_incarnation.
+        self.restart_timeout = restart_timeout
+        self._registration = None          # what register() sent, sent again to rejoin
+        self._scheduler_incarnation = None  # id of the scheduler whose book holds this node
+        self._seen_incarnation = None       # the latest heartbeat reply's, before registering
+        self._rejoin = None                 # (incarnation, request id, sent at) in flight
+        self._rejoins = 0   # +1 per rejoin (or lost registration): the main thread re-sends
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
@@ -79,11 +96,34 @@ class Membership:
     def _request(self, op, what, **meta):
         message = Message(op, next(self._ids), f"{self.role}-{self.rank}",
                           meta=dict(meta, node=self.node_id))
-        reply = self._requests.request(message, transport.Deadline(self.timeout, what),
-                                       self.check)
+        reply = self._exchange(message, transport.Deadline(self.timeout, what))
+        if reply.op == "error" and str(reply.meta.get("error")).startswith("replaced"):
+            # A replacement holds our rank (we were given up): the same end as the
+            # heartbeat thread's, whichever of the two hears it first.
+            self.replaced = self.dead = f"{self.role} {self.rank}: {reply.meta['error']}"
+            raise transport.PeerDied(self.dead)
         if reply.op == "error":
             raise RuntimeError(f"scheduler refused {op}: {reply.meta.get('error')}")
         return reply
+
+    def _exchange(self, message, deadline):
+        """Send `message`, wait for its reply. A scheduler restarted meanwhile never saw the
+        request (or answered it with `rejoin` before this node rejoined): it is sent again
+        each time the heartbeat thread rejoined (the scheduler counts a request once)."""
+        rejoins = self._rejoins
+        self._requests.send(message)
+        while True:
+            self.check()
+            deadline.check()
+            if self._rejoins != rejoins:
+                rejoins = self._rejoins
+                self._requests.send(message)
+            reply = self._requests.receive(deadline.poll_ms())
+            if reply is None or reply.id != message.id:
+                continue
+            if reply.op == "error" and reply.meta.get("rejoin") is True:
+                continue   # sent again once this node rejoined
+            return reply
 
     def register(self, tcp="", ipc="", rank=None):
         """Blocks until every process registered; returns the address book
@@ -91,14 +131,18 @@ class Membership:
         hostname, netns = transport.host_identity()
         if rank is None and self.credentials is not None:
             rank = self.credentials.rank
+        self._registration = dict(role=self.role, tcp=tcp, ipc=ipc, hostname=hostname,
+                                  netns=netns, pid=os.getpid())
         self._start_heartbeats()
         reply = self._request("register", f"register with the scheduler at "
                                           f"{self.scheduler_address}",
-                              role=self.role, rank=rank, tcp=tcp, ipc=ipc,
-                              hostname=hostname, netns=netns, pid=os.getpid())
+                              rank=rank, **self._registration)
         self.rank = reply.meta["rank"]
         self.recovery = reply.meta.get("recovery") is True
         self.book = reply.meta["book"]
+        # After the rank (the heartbeat thread reads both). Every register reply names its
+        # scheduler; where one would not, the one heard last answered it.
+        self._scheduler_incarnation = reply.meta.get("incarnation", self._seen_incarnation)
         return reply.meta["book"]
 
     def barrier(self, group="worker"):
@@ -118,19 +162,29 @@ class Membership:
                                           security=self._scheduler_key)
         interval = heartbeat_interval(self.heartbeat_timeout)
         last_answer = time.monotonic()
+        waiting_said = False     # the "waiting for its restart" line, once per silence
         try:
             while not self._stop.is_set():
+                # Not blocking: a scheduler away for restart_timeout would fill the queue.
                 connection.send(Message("heartbeat", 0, f"{self.role}-{self.rank}",
-                                        meta={"node": self.node_id, "sent": time.time()}))
+                                        meta={"node": self.node_id, "sent": time.time()}),
+                                block=False)
                 next_beat = time.monotonic() + interval
                 while time.monotonic() < next_beat and not self._stop.is_set():
                     notice = connection.receive(50)
                     if notice is None:
                         continue
-                    last_answer = time.monotonic()
+                    last_answer, waiting_said = time.monotonic(), False
+                    if self._rejoin is not None and notice.id == self._rejoin[1]:
+                        refused = self._rejoin_answered(notice)
+                        if refused:
+                            return self._peer_died(refused)
+                        continue
                     if notice.op == "reply" and isinstance(notice.meta.get("time"), float) \
                             and isinstance(notice.meta.get("sent"), float):
                         self.clock.sample(notice.meta["sent"], time.time(), notice.meta["time"])
+                    if notice.op == "reply" and self.restart_timeout is not None:
+                        self._follow_incarnation(connection, notice.meta.get("incarnation"))
                     if notice.op == "dead":
                         return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
                     if notice.op == "shutdown":
@@ -140,7 +194,13 @@ class Membership:
                         return
                 silent = time.monotonic() - last_answer
                 if silent > self.heartbeat_timeout and not self._stop.is_set():
-                    return self._peer_died(f"dead: scheduler (no heartbeat for {silent:.1f} s)")
+                    if self.restart_timeout is None or \
+                            silent > max(self.restart_timeout, self.heartbeat_timeout):
+                        return self._peer_died(f"dead: scheduler (no heartbeat for "
+                                               f"{silent:.1f} s)")
+                    if not waiting_said:
+                        waiting_said = True
+                        self._report_silent_scheduler(silent)
         finally:
             connection.close()
 
@@ -162,6 +222,55 @@ class Membership:
                 os._exit(1)
             return True
         return False
+
+    # --- a restarted scheduler (heartbeat thread) -----------------------------------
+    def _report_silent_scheduler(self, silent):
+        """Once per silence: say so, and tell the launcher (observe channel), which kills a
+        frozen scheduler and restarts it; it drops the reports of the other processes
+        (silent_s: a report about a process younger than that is about its predecessor)."""
+        _say(f"scheduler silent for {silent:.0f} s; waiting up to {self.restart_timeout:g} s "
+             f"for its restart")
+        channel.send("unresponsive", {"role": "scheduler", "silent_s": round(silent, 1),
+                                      "why": f"no heartbeat reply for {silent:.1f} s"})
+
+    def _follow_incarnation(self, connection, incarnation):
+        """A heartbeat reply named scheduler process `incarnation`. Another one than the
+        scheduler that holds this node in its book was restarted: rejoin it. Before this
+        node has its book, each scheduler process it hears of may not have its register
+        (the first may have been sent to one that died): the main thread sends it again
+        (a copy a scheduler already holds replaces the first)."""
+        if not isinstance(incarnation, str):
+            return
+        if self._scheduler_incarnation is None:
+            if self._seen_incarnation != incarnation:
+                self._seen_incarnation = incarnation
+                self._rejoins += 1
+            return
+        if incarnation == self._scheduler_incarnation:
+            return
+        in_flight = self._rejoin
+        if in_flight is not None and in_flight[0] == incarnation and \
+                time.monotonic() - in_flight[2] < self.heartbeat_timeout:
+            return   # answered at once; heartbeats queued while it was down come first
+        request_id = in_flight[1] if in_flight is not None else next(self._ids)
+        self._rejoin = (incarnation, request_id, time.monotonic())
+        connection.send(Message("register", request_id, f"{self.role}-{self.rank}",
+                                meta=dict(self._registration, rank=self.rank,
+                                          node=self.node_id, rejoin=True)))
+
+    def _rejoin_answered(self, reply):
+        """The restarted scheduler's answer to our rejoin: None when rejoined, else the
+        text this node dies with."""
+        incarnation = self._rejoin[0]
+        self._rejoin = None
+        if reply.op != "reply":
+            return (f"dead: scheduler (restarted as incarnation {incarnation}) refused the "
+                    f"rejoin of {self.role} {self.rank}: {reply.meta.get('error')}")
+        self._scheduler_incarnation = incarnation
+        self._rejoins += 1   # the main thread re-sends its request now
+        _say(f"rejoined scheduler incarnation {incarnation} (restart "
+             f"{reply.meta.get('restart')}) as {self.role} {self.rank}")
+        return None
 
     def _peer_died(self, text):
         _say(text)

@@ -1,8 +1,33 @@
 """The scheduler process (ps-lite's postoffice, rendezvous side): assigns ranks and
 addresses, runs barriers and heartbeats and names dead processes; ps/membership.py is the
-node side of that."""
+node side of that.
+
+A restarted scheduler (recovery on, DISTTRAIN_INCARNATION >= 1: the launcher started it again
+on the same address after it died) rebuilds its book from the live processes. Every heartbeat
+reply carries `incarnation`, a random id of this scheduler process; a node that sees a new one
+re-registers from its heartbeat thread (`register` with meta `rejoin: True`, keeping its node
+id, rank and addresses), and re-sends the request its main thread was waiting on (barrier,
+goodbye): the dead scheduler swallowed it. Barriers are rebuilt from those re-sent requests; a
+request that reaches this scheduler twice (queued in the node's socket while the scheduler was
+down, then re-sent) counts once. Requests from nodes that have not rejoined yet are answered
+with an error marked `rejoin`, which the node ignores (it re-sends after rejoining).
+
+The processes that do not rejoin within restart_timeout of this scheduler's start:
+- if nobody came back at all, the job is gone: exit 1;
+- if some registered but nobody rejoined, the previous scheduler never sent its book (it
+  died during registration): they are handled as at a first start (plain re-sent
+  registrations; too few within the registration timeout ends the job);
+- a worker that did not rejoin counts as having left: it said goodbye to the previous
+  scheduler and exited (a worker that died instead exits non-zero, which the launcher sees
+  and handles: it restarts it, or ends the job). Its rank is then closed: a late rejoin is
+  refused;
+- a server that did not rejoin is dead (servers never leave before the job ends): `dead:`
+  to everyone and exit 1, as for any death.
+A barrier answered by the previous scheduler whose reply was lost in its death (killed while
+sending it) is not recovered: the node re-sends it and waits, and its timeout ends it."""
 import sys
 import time
+import uuid
 
 from disttrain.observe import channel
 from disttrain.ps import auth, protocol, transport
@@ -21,7 +46,10 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0, credentials=auth.FROM_ENV, restart_timeout=None):
+                 timeout=300.0, credentials=auth.FROM_ENV, incarnation=0, restart_timeout=None):
+        """incarnation (Config.incarnation): 0 at the job's start, k after the k-th restart;
+        a restarted scheduler waits up to restart_timeout (else timeout) for the job's live
+        processes to rejoin (see the module docstring)."""
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
         credentials = auth.resolve(credentials, "scheduler")
@@ -45,6 +73,16 @@ class Scheduler:
         self.restart_timeout = restart_timeout
         self.unresponsive = {}   # node id -> when it was reported unresponsive
         self.replaced = set()    # node ids a replacement took over: their beats get `replaced`
+        self.incarnation = incarnation
+        self.incarnation_id = uuid.uuid4().hex[:16]   # in every heartbeat reply
+        self.rejoin_deadline = None if incarnation == 0 else \
+            self.started + (timeout if restart_timeout is None else restart_timeout)
+        self.rejoined = 0        # rejoins this restarted scheduler accepted
+        self.barriers_answered = {}   # node id -> id of its last barrier request answered
+        if incarnation > 0:
+            _say(f"scheduler restarted (incarnation {incarnation}, id {self.incarnation_id}): "
+                 f"waiting up to {self.rejoin_deadline - self.started:g} s for the job's "
+                 f"processes to rejoin")
 
     # --- requests -------------------------------------------------------------
     def handle(self, identity, message):
@@ -59,7 +97,9 @@ class Scheduler:
                 self.listener.send(identity, Message("shutdown", 0, "scheduler", meta={"text": ""}))
         if node is None and message.op == "heartbeat":
             # The heartbeat thread starts before registration is answered.
-            return self.listener.send(identity, _heartbeat_reply(message))
+            return self.listener.send(identity, _heartbeat_reply(message, self.incarnation_id))
+        if node is None and self.incarnation > 0 and self.book is None:
+            return self._ask_to_rejoin(identity, message)
         if node is None:
             return self._error(identity, message, f"{message.op} from unregistered node "
                                                   f"{message.meta.get('node')!r}")
@@ -69,7 +109,7 @@ class Scheduler:
         node["last_seen"] = time.monotonic()
         self.unresponsive.pop(message.meta["node"], None)   # it speaks again
         if message.op == "heartbeat":
-            self.listener.send(identity, _heartbeat_reply(message))
+            self.listener.send(identity, _heartbeat_reply(message, self.incarnation_id))
         elif message.op == "barrier":
             self._barrier(identity, message)
         elif message.op == "goodbye":
@@ -84,10 +124,16 @@ class Scheduler:
 
     def _register(self, identity, message):
         meta = message.meta
+        if meta.get("node") in self.replaced:   # a replaced node re-sending its registration
+            return self._refuse_replaced(identity, message)
+        if meta.get("rejoin") is True:
+            return self._rejoin(identity, message)
         role, node_id = meta.get("role"), meta.get("node")
         if role not in ROLES or not isinstance(node_id, str):
             return self._error(identity, message, f"register needs role in {ROLES} and a node "
                                                   f"id, got role={role!r} node={node_id!r}")
+        if self._registration_sent_again(identity, message):
+            return
         if self.book is not None:
             return self._register_replacement(identity, message)
         refusal = auth.registration_refusal(message)
@@ -130,20 +176,27 @@ class Scheduler:
         self.book = public
         for identity, message in self.pending:
             node = self.nodes[message.meta["node"]]
-            self.listener.send(identity, Message("reply", message.id, "scheduler",
-                                                 meta={"rank": node["rank"], "book": public}))
+            self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+                "rank": node["rank"], "book": public, "incarnation": self.incarnation_id}))
         self.pending = []
 
     def _barrier(self, identity, message):
         group = message.meta.get("group")
         if group not in ("worker", "server", "all"):
             return self._error(identity, message, f"unknown barrier group {group!r}")
-        waiting = self.barriers.setdefault(group, [])
-        waiting.append((identity, message.id))
+        node_id = message.meta["node"]
+        # A node re-sends its barrier to a restarted scheduler, which may also have got the
+        # copy queued while it was down: a request counts once, and is answered again.
+        if message.id <= self.barriers_answered.get(node_id, 0):
+            return self.listener.send(identity, Message("reply", message.id, "scheduler"))
+        waiting = [entry for entry in self.barriers.get(group, []) if entry[2] != node_id]
+        waiting.append((identity, message.id, node_id))
+        self.barriers[group] = waiting
         needed = sum(self.size.values()) if group == "all" else self.size[group]
         if len(waiting) == needed:
-            for waiter, request_id in waiting:
+            for waiter, request_id, waiter_node in waiting:
                 self.listener.send(waiter, Message("reply", request_id, "scheduler"))
+                self.barriers_answered[waiter_node] = request_id
             self.barriers[group] = []
 
     # --- recovery: a replacement takes over a dead node's rank ---------------------
@@ -180,7 +233,8 @@ class Scheduler:
         _say(f"{role} {rank} recovered: a replacement (pid {node.get('pid')}) took over from "
              f"pid {old.get('pid')}")
         self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
-            "rank": rank, "book": self.book, "recovery": True}))
+            "rank": rank, "book": self.book, "recovery": True,
+            "incarnation": self.incarnation_id}))
         for other in self.nodes:
             if other != node_id:
                 self.listener.send(heartbeat_identity(other), Message(
@@ -222,10 +276,119 @@ class Scheduler:
                 _say(f"unresponsive: {node['role']} {rank} ({why}); waiting up to "
                      f"{self.restart_timeout:g} s for its replacement")
                 channel.send("unresponsive", {"role": node["role"], "rank": node.get("rank"),
-                                              "why": why})
+                                              "silent_s": round(silent, 1), "why": why})
             elif now - self.unresponsive[node_id] > self.restart_timeout:
                 return node, silent
         return None, 0.0
+
+    # --- a restarted scheduler: the live processes rejoin ----------------------------
+    def _rejoin(self, identity, message):
+        """A live process re-registering with this restarted scheduler: it keeps its node
+        id, rank and addresses, and is answered at once (it already holds the book)."""
+        meta = message.meta
+        role, node_id = meta.get("role"), meta.get("node")
+        if self.incarnation == 0:
+            return self._error(identity, message, f"{role} {meta.get('rank')!r} asked to "
+                                                  f"rejoin, but this scheduler is the job's "
+                                                  f"first (DISTTRAIN_INCARNATION=0); start a "
+                                                  f"restarted one with DISTTRAIN_INCARNATION=1")
+        if role not in ROLES or not isinstance(node_id, str):
+            return self._error(identity, message, f"rejoin needs role in {ROLES} and a node "
+                                                  f"id, got role={role!r} node={node_id!r}")
+        refusal = auth.registration_refusal(message)
+        if refusal:
+            return self._error(identity, message, refusal)
+        rank = auth.parse_key_name(message.peer)[1] if message.peer else meta.get("rank")
+        if not (isinstance(rank, int) and 0 <= rank < self.size[role]):
+            return self._error(identity, message, f"{role} rejoined with rank {rank!r}, valid "
+                                                  f"ranks are 0..{self.size[role] - 1}")
+        node = self.nodes.get(node_id)
+        if node is None:
+            holder = next((n for n in self.nodes.values()
+                           if n["role"] == role and n.get("rank") == rank), None)
+            if holder is not None:
+                why = "counted as having left" if holder.get("left") else \
+                    f"held by node {holder['node']!r}"
+                return self._error(identity, message, f"{role} {rank} cannot rejoin: its rank "
+                                                      f"is {why}")
+            node = self.nodes[node_id] = {key: meta.get(key) for key in (
+                "role", "node", "tcp", "ipc", "hostname", "netns", "pid")}
+            node.update(rank=rank, peer=message.peer)
+            self.rejoined += 1
+            _say(f"scheduler: {role} {rank} rejoined")
+        elif (node["role"], node.get("rank")) != (role, rank):
+            return self._error(identity, message, f"node {node_id!r} is {node['role']} "
+                                                  f"{node.get('rank')}, not {role} {rank}")
+        node["last_seen"] = time.monotonic()
+        self.heard.add(node_id)   # it spoke on its heartbeat socket: notices reach it
+        self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+            "rank": rank, "incarnation": self.incarnation_id, "restart": self.incarnation}))
+        if self.book is None and len(self.nodes) == sum(self.size.values()):
+            _say(f"scheduler: all {len(self.nodes)} processes are back (incarnation "
+                 f"{self.incarnation})")
+            self._send_book()   # answers registrations re-sent by processes without a book
+
+    def _ask_to_rejoin(self, identity, message):
+        """A request from a node that has not rejoined yet (queued in its socket while no
+        scheduler ran): it re-sends the request once it rejoined, so the answer says only
+        that (meta `rejoin`, which the node ignores)."""
+        reply = protocol.error_reply(message.id, "scheduler", f"{message.op} from node "
+                                     f"{message.meta.get('node')!r}, which has not rejoined "
+                                     f"scheduler incarnation {self.incarnation} yet")
+        reply.meta["rejoin"] = True
+        self.listener.send(identity, reply)
+
+    def _registration_sent_again(self, identity, message):
+        """A registration that reached this scheduler twice (with recovery on a node sends
+        it again to each scheduler process it hears of until it has its book; a restarted
+        one may also get the copy queued while no scheduler ran). Before the book, the later
+        copy takes the earlier's place; after it, it is answered again. True if it was one."""
+        node = self.nodes.get(message.meta["node"])
+        if node is None or node["peer"] != message.peer or node["role"] != message.meta["role"]:
+            return False    # not the same member's node: the checks of _register apply
+        if self.book is not None:
+            self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+                "rank": node["rank"], "book": self.book, "incarnation": self.incarnation_id}))
+            return True
+        for index, (_, earlier) in enumerate(self.pending):
+            if earlier.meta["node"] == message.meta["node"]:
+                self.pending[index] = (identity, message)
+                return True
+        return False
+
+    def _close_the_book(self):
+        """restart_timeout after a restart, some processes have not rejoined (see the module
+        docstring): a missing server is dead, as is a job with nobody left (exit code 1);
+        missing workers have left. None when the job goes on."""
+        waited = self.rejoin_deadline - self.started
+        if not self.nodes:
+            _say(f"scheduler: no process of the job came back within {waited:g} s")
+            return 1
+        missing = {}
+        for role in ROLES:
+            nodes = [n for n in self.nodes.values() if n["role"] == role]
+            held = {n["rank"] for n in nodes if n.get("rank") is not None}
+            free = [rank for rank in range(self.size[role]) if rank not in held]
+            # Registrations without a rank take the lowest free ranks (_send_book).
+            missing[role] = free[sum(n.get("rank") is None for n in nodes):]
+        if missing["server"]:
+            text = (f"dead: server {missing['server'][0]} (did not rejoin the restarted "
+                    f"scheduler within {waited:g} s)")
+            _say(text)
+            self.broadcast("dead", text)
+            return 1
+        _say(f"scheduler: worker {', '.join(map(str, missing['worker']))} did not rejoin "
+             f"within {waited:g} s: counted as having left (a worker that said goodbye to "
+             f"the previous scheduler has exited)")
+        for rank in missing["worker"]:
+            node_id = f"left-worker-{rank}"
+            self.nodes[node_id] = {"role": "worker", "rank": rank, "node": node_id, "tcp": "",
+                                   "ipc": "", "hostname": "", "netns": 0, "pid": 0,
+                                   "peer": None, "left": True, "last_seen": time.monotonic()}
+            self.said_goodbye.add(node_id)
+            self.heard.add(node_id)
+        self._send_book()
+        return None
 
     # --- liveness -------------------------------------------------------------
     def dead_node(self):
@@ -244,6 +407,8 @@ class Scheduler:
                                Message(op, 0, "scheduler", meta={"text": text}))
 
     def all_workers_left(self):
+        if self.book is None:   # a restarted scheduler that not everyone has rejoined yet
+            return False
         workers = [i for i, n in self.nodes.items() if n["role"] == "worker"]
         return len(workers) == self.size["worker"] and set(workers) <= self.said_goodbye
 
@@ -260,7 +425,14 @@ class Scheduler:
                     continue
                 if received is not None:
                     self.handle(*received)
-                if self.book is None and time.monotonic() - self.started > self.timeout:
+                if self.book is None and (self.rejoined or not self.nodes) and \
+                        self.rejoin_deadline is not None and \
+                        time.monotonic() > self.rejoin_deadline:
+                    code = self._close_the_book()
+                    if code is not None:
+                        return code
+                if self.book is None and not self.rejoined and \
+                        time.monotonic() - self.started > self.timeout:
                     _say(f"scheduler: only {len(self.nodes)} of {sum(self.size.values())} "
                          f"processes registered within {self.timeout:g} s")
                     return 1
@@ -287,9 +459,11 @@ class Scheduler:
             self.listener.close(linger_ms=2000)
 
 
-def _heartbeat_reply(message):
+def _heartbeat_reply(message, incarnation_id):
     """The answer to a heartbeat carries our clock and echoes the sender's: the node
-    measures its offset to this clock from it (timelines of several hosts line up)."""
+    measures its offset to this clock from it (timelines of several hosts line up); and
+    this scheduler process's incarnation id, whose change tells the node to rejoin."""
     sent = message.meta.get("sent")
     return Message("reply", message.id, "scheduler", meta={
-        "time": time.time(), "sent": sent if isinstance(sent, float) else None})
+        "time": time.time(), "sent": sent if isinstance(sent, float) else None,
+        "incarnation": incarnation_id})

@@ -305,8 +305,16 @@ class Connection:
         self.socket.setsockopt(zmq.IDENTITY, identity)
         self.socket.connect(address)
 
-    def send(self, message):
-        self.socket.send_multipart(protocol.encode(message), copy=False)
+    def send(self, message, block=True):
+        """Queue `message` for the peer. While the peer is away zmq queues up to its
+        high-water mark (1000 messages), then blocks; block=False drops the message there
+        instead and returns False."""
+        try:
+            self.socket.send_multipart(protocol.encode(message), 0 if block else zmq.NOBLOCK,
+                                       copy=False)
+        except zmq.Again:
+            return False
+        return True
 
     def receive(self, timeout_ms):
         """The next Message, or None if none arrived within timeout_ms."""
