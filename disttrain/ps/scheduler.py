@@ -275,8 +275,10 @@ class Scheduler:
                 why = f"no heartbeat for {silent:.1f} s"
                 _say(f"unresponsive: {node['role']} {rank} ({why}); waiting up to "
                      f"{self.restart_timeout:g} s for its replacement")
+                # silent_s lets the launcher drop a late report about a process it has
+                # already replaced (launch/README.md).
                 channel.send("unresponsive", {"role": node["role"], "rank": node.get("rank"),
-                                              "silent_s": round(silent, 1), "why": why})
+                                              "why": why, "silent_s": round(silent, 3)})
             elif now - self.unresponsive[node_id] > self.restart_timeout:
                 return node, silent
         return None, 0.0
