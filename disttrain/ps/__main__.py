@@ -55,7 +55,8 @@ def main():
                 return scheduler.Scheduler(address, num_workers, num_servers,
                                            heartbeat_timeout=settings.heartbeat_timeout,
                                            timeout=settings.timeout,
-                                           credentials=credentials).run()
+                                           credentials=credentials,
+                                           restart_timeout=settings.restart_timeout).run()
             finally:
                 auth.stop_authenticator()   # its ZAP socket would keep term() waiting
                 transport.context().term()  # waits for the lingering dead / shutdown notices
@@ -66,7 +67,9 @@ def main():
         backend.keep_freed_memory()
         return server.serve(Membership.from_config("server", settings), host=settings.host,
                             rank=settings.rank, observe=settings.observe,
-                            metrics_dir=settings.metrics_dir)
+                            metrics_dir=settings.metrics_dir,
+                            replicas=settings.server_replicas,
+                            restarted=settings.incarnation > 0)
     except auth.KeysError as error:   # no keys, unreadable keys, or a libzmq without CURVE
         raise SystemExit(str(error)) from None
 

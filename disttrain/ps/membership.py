@@ -50,6 +50,11 @@ class Membership:
                                               security=self._scheduler_key)
         self._beats = None
         self.clock = ClockOffset()   # the scheduler's clock minus ours, from heartbeats
+        # Recovery: True when the scheduler answered register as a replacement's; the
+        # current address book, and +1 per `book` notice (another process was replaced).
+        self.recovery = False
+        self.book = None
+        self.book_version = 0
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
@@ -87,6 +92,8 @@ class Membership:
                               role=self.role, rank=rank, tcp=tcp, ipc=ipc,
                               hostname=hostname, netns=netns, pid=os.getpid())
         self.rank = reply.meta["rank"]
+        self.recovery = reply.meta.get("recovery") is True
+        self.book = reply.meta["book"]
         return reply.meta["book"]
 
     def barrier(self, group="worker"):
@@ -119,6 +126,11 @@ class Membership:
                     if notice.op == "reply" and isinstance(notice.meta.get("time"), float) \
                             and isinstance(notice.meta.get("sent"), float):
                         self.clock.sample(notice.meta["sent"], time.time(), notice.meta["time"])
+                    if notice.op == "book":
+                        self._book_notice(notice)
+                    if notice.op == "error" and "replaced" in str(notice.meta.get("error")):
+                        _say(f"{self.role} {self.rank}: {notice.meta['error']}; exiting")
+                        os._exit(1)
                     if notice.op == "dead":
                         return self._peer_died(notice.meta.get("text", "dead: unknown peer"))
                     if notice.op == "shutdown":
@@ -129,6 +141,15 @@ class Membership:
                     return self._peer_died(f"dead: scheduler (no heartbeat for {silent:.1f} s)")
         finally:
             connection.close()
+
+    def _book_notice(self, notice):
+        """A process was replaced (minimal: helper worker-recovery owns the full version)."""
+        book = notice.meta.get("book")
+        if isinstance(book, dict):
+            self.book = book
+            self.book_version += 1   # after the book: a reader that sees it sees the book
+            _say(f"{self.role} {self.rank}: {notice.meta.get('role')} {notice.meta.get('rank')} "
+                 f"was replaced")
 
     def _peer_died(self, text):
         _say(text)

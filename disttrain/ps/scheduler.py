@@ -19,7 +19,7 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0, credentials=auth.FROM_ENV):
+                 timeout=300.0, credentials=auth.FROM_ENV, restart_timeout=None):
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
         credentials = auth.resolve(credentials, "scheduler")
@@ -38,11 +38,17 @@ class Scheduler:
         self.heard = set()       # node ids whose heartbeat socket has spoken: notices reach them
         self.closing_since = None   # when every worker had said goodbye
         self.started = time.monotonic()
+        # Recovery (DISTTRAIN_RESTART_TIMEOUT): a silent node's replacement may register.
+        self.restart_timeout = restart_timeout
+        self.replaced = set()    # node ids whose rank a replacement took over
+        self.awaited = set()     # silent node ids already said to be awaited
 
     # --- requests -------------------------------------------------------------
     def handle(self, identity, message):
         if message.op == "register":
             return self._register(identity, message)
+        if message.meta.get("node") in self.replaced:
+            return self._error(identity, message, "replaced: another process took this rank")
         node = self.nodes.get(message.meta.get("node"))
         if message.op == "heartbeat":
             self.heard.add(message.meta.get("node"))
@@ -78,6 +84,8 @@ class Scheduler:
         if role not in ROLES or not isinstance(node_id, str):
             return self._error(identity, message, f"register needs role in {ROLES} and a node "
                                                   f"id, got role={role!r} node={node_id!r}")
+        if self.book is not None and self.restart_timeout is not None:
+            return self._recover(identity, message)
         if self.book is not None:
             return self._error(identity, message, f"{role} registered after the job started")
         refusal = auth.registration_refusal(message)
@@ -114,14 +122,54 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns", "pid")}
-                         for n in nodes] for role, nodes in book.items()}
+        public = {role: [_public(n) for n in nodes] for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:
             node = self.nodes[message.meta["node"]]
             self.listener.send(identity, Message("reply", message.id, "scheduler",
                                                  meta={"rank": node["rank"], "book": public}))
         self.pending = []
+
+    # --- recovery (minimal: helper worker-recovery owns the full version) ---------------
+    def _recover(self, identity, message):
+        """A register after the book is out, with recovery on: the replacement of a rank.
+        It takes that rank's place in the book, is answered at once, and every other node
+        gets a `book` notice."""
+        meta = message.meta
+        role, node_id = meta["role"], meta["node"]
+        refusal = auth.registration_refusal(message)
+        if refusal:
+            return self._error(identity, message, refusal)
+        rank = auth.parse_key_name(message.peer)[1] if message.peer else meta.get("rank")
+        if not (isinstance(rank, int) and 0 <= rank < self.size[role]):
+            return self._error(identity, message, f"a replacement {role} must name its rank "
+                                                  f"(0..{self.size[role] - 1}), got {rank!r}")
+        if node_id in self.nodes:
+            return self._error(identity, message, f"node id {node_id!r} registered twice")
+        for old in [i for i, n in self.nodes.items() if n["role"] == role and n["rank"] == rank]:
+            del self.nodes[old]
+            self.replaced.add(old)
+            self.said_goodbye.discard(old)
+            self.heard.discard(old)
+        self.nodes[node_id] = dict(meta, rank=rank, peer=message.peer, last_seen=time.monotonic())
+        self.book[role][rank] = _public(self.nodes[node_id])
+        _say(f"{role} {rank} registered again (a replacement, pid {meta.get('pid')})")
+        self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+            "rank": rank, "book": self.book, "recovery": True}))
+        for other in self.nodes:
+            if other != node_id:
+                self.listener.send(heartbeat_identity(other), Message(
+                    "book", 0, "scheduler", meta={"book": self.book, "role": role, "rank": rank}))
+
+    def _silent_limit(self, node_id, node, silent):
+        """With recovery on, a silent node is awaited up to restart_timeout more."""
+        if self.restart_timeout is None:
+            return self.heartbeat_timeout
+        if silent > self.heartbeat_timeout and node_id not in self.awaited:
+            self.awaited.add(node_id)
+            _say(f"{node['role']} {node.get('rank')} is silent; waiting up to "
+                 f"{self.restart_timeout:g} s for its replacement")
+        return self.heartbeat_timeout + self.restart_timeout
 
     def _barrier(self, identity, message):
         group = message.meta.get("group")
@@ -142,7 +190,7 @@ class Scheduler:
         for node_id, node in self.nodes.items():
             if node_id in self.said_goodbye:
                 continue
-            if now - node["last_seen"] > self.heartbeat_timeout:
+            if now - node["last_seen"] > self._silent_limit(node_id, node, now - node["last_seen"]):
                 return node, now - node["last_seen"]
         return None, 0.0
 
@@ -192,6 +240,11 @@ class Scheduler:
         finally:
             # Linger so the dead / shutdown notices leave even on a busy machine.
             self.listener.close(linger_ms=2000)
+
+
+def _public(node):
+    """A node's entry in the address book every process receives."""
+    return {k: node[k] for k in ("rank", "tcp", "ipc", "hostname", "netns", "pid")}
 
 
 def _heartbeat_reply(message):

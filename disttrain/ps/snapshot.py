@@ -113,7 +113,7 @@ def restore_shard(server, directory, manifest):
     # Only once every chunk was read: a failed restore leaves the server as it was.
     for (name, index), (step_count, arrays, param) in restored.items():
         key = server.keys[name, index]
-        _install(key, step_count, arrays, param)
+        install_chunk(key, step_count, arrays, param)
 
 
 def _rebuild_chunk(key, old_chunks, shard):
@@ -172,7 +172,7 @@ def _join_steps(key, steps):
     return steps[0]
 
 
-def _install(key, step_count, arrays, param):
+def install_chunk(key, step_count, arrays, param):
     """Put restored values where the server's update code expects them."""
     if key.group is None and param.flags.writeable and param.flags.c_contiguous:
         key.param = param   # the file's buffer becomes the server's array: no copy
