@@ -1,0 +1,93 @@
+"""Survive failures (issue 13): a process of a running job is killed and replaced, and the
+job ends as an unbroken one would. One section per recovery; each keeps its fixtures."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.waiting import wait_until
+
+pytestmark = pytest.mark.slow
+
+
+# --- server recovery -----------------------------------------------------------------------
+# A seeded 2-worker, 2-server sync MNIST MLP job started by the test itself (scheduler,
+# servers and workers as processes on 127.0.0.1, CURVE keys as launched jobs have them);
+# one server is killed with SIGKILL mid-run and a replacement started with the same rank
+# and keys (DISTTRAIN_INCARNATION=1), as `launch --max-restarts` does.
+from tests.ps.cluster import ROOT, Cluster   # noqa: E402 (the section's own helpers)
+
+SERVER_JOB_S = 240   # the whole job on 2 busy cores; it normally takes a few seconds
+MNIST = os.path.join(ROOT, "workers", "mnist.py")
+
+
+class RecoveryCluster(Cluster):
+    """tests.ps.cluster.Cluster with recovery on, and one process restartable."""
+
+    def __init__(self, directory, replicas):
+        super().__init__(directory, 2, 2, heartbeat_timeout=2, timeout=60)
+        self.env.update(DISTTRAIN_RESTART_TIMEOUT="30", DISTTRAIN_SERVER_REPLICAS=str(replicas),
+                        DISTTRAIN_PROGRESS="0")
+
+    def restart_server(self, rank):
+        """Kill server `rank` with SIGKILL and start its replacement (incarnation 1)."""
+        killed = self.processes[f"server{rank}"]
+        os.killpg(killed.pid, signal.SIGKILL)
+        killed.wait()
+        env = dict(self.env, DISTTRAIN_ROLE="server", DISTTRAIN_RANK=str(rank),
+                   DISTTRAIN_INCARNATION="1")
+        name = f"server{rank}-restarted"
+        with open(os.path.join(self.directory, f"{name}.err"), "w") as err:
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "disttrain.ps"], env=env, stdout=subprocess.DEVNULL,
+                stderr=err, cwd=ROOT, start_new_session=True)
+
+
+def mnist_job(directory, replicas, kill_server_after=None):
+    """Run the job; with kill_server_after=k, server 1 dies once rank 0 logged k steps.
+    Returns (exit codes, rank 0's summary, rank 0's per-step losses, the cluster)."""
+    cluster = RecoveryCluster(directory, replicas)
+    losses = os.path.join(cluster.directory, "losses.txt")
+    try:
+        cluster.start_roles()
+        # A straggler keeps the job long enough to be killed in the middle of it.
+        cluster.start_workers(program=[
+            MNIST, "--no-progress", "--seed", "3", "--limit-train", "4096", "--epochs", "1",
+            "--batch-size", "64", "--max-steps", "24", "--loss-log", losses,
+            "--slow-ms", "60", "--slow-rank", "1",
+            "--metrics", os.path.join(cluster.directory, "summary.json")])
+        if kill_server_after is not None:
+            def steps_logged():
+                return os.path.exists(losses) and \
+                    len(open(losses).read().splitlines()) >= kill_server_after
+            wait_until(steps_logged, SERVER_JOB_S, lambda: cluster.read("worker0"))
+            cluster.restart_server(1)
+        codes = cluster.wait(SERVER_JOB_S)
+    finally:
+        cluster.kill_all()
+    with open(losses) as f:
+        steps = f.read().splitlines()
+    summary_file = os.path.join(cluster.directory, "summary.json")
+    summary = json.load(open(summary_file)) if os.path.exists(summary_file) else None
+    return codes, summary, steps, cluster
+
+
+def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbroken_one(tmp_path):
+    codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=1)
+    assert set(codes.values()) == {0}, codes
+    got_codes, got_summary, got_steps, cluster = mnist_job(tmp_path / "broken", replicas=1,
+                                                           kill_server_after=8)
+    restarted = cluster.read("server1-restarted")
+    assert got_codes.pop("server1") == -signal.SIGKILL
+    assert set(got_codes.values()) == {0}, (got_codes, restarted[-2000:],
+                                           cluster.read("worker0")[-2000:])
+    assert "rebuilt" in restarted and "exactly from the replica on server 0" in restarted, restarted
+    assert "server 1 was restarted" in cluster.read("server0")
+    # Every step's loss and the final test accuracy are those of the unbroken run: the
+    # replacement continued from exactly the weights and Adam moments the dead server had.
+    assert len(steps) == 24 and got_steps == steps
+    assert (got_summary["test_accuracy"], got_summary["train_loss"]) == \
+        (summary["test_accuracy"], summary["train_loss"])
