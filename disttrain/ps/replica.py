@@ -1,6 +1,7 @@
 """Chain replication of the servers' shards (`--server-replicas 1`, as in the OSDI'14
 parameter server): every update a server applies is copied to server (rank+1) % S before
 any worker sees its result, so a restarted server fetches its shard back exactly."""
+import os
 import sys
 
 import numpy as np
@@ -62,8 +63,10 @@ def encode(records, copy):
     return keys, payloads, {"records": [meta for meta, _ in records], "parts": parts_meta}
 
 
-def decode(message):
-    """The records a replicate or fetch_replica reply carries, each array a fresh copy."""
+def decode(message, previous=None):
+    """The records a replicate or fetch_replica reply carries, each array a copy: into the
+    same part of `previous` {(name, chunk): (meta, parts)} where its size and dtype match
+    (warm pages: fresh ones cost a page fault each), else a new array."""
     records, parts = message.meta.get("records"), message.meta.get("parts")
     if type(records) is not list or type(parts) is not list or len(parts) != len(message.keys) \
             or not all(type(r) is dict for r in records):
@@ -80,7 +83,10 @@ def decode(message):
         if not received or any(p.kind != "dense" for p in received):
             raise RequestError(f"{message.op}: part {name!r} of {message.keys[entry]!r} has no "
                                f"dense payload")
-        array = np.empty(size, dtype=received[0].array.dtype)
+        old = (previous or {}).get((records[index].get("name"), records[index].get("chunk")))
+        array = old[1].get(name) if old else None
+        if array is None or array.size != size or array.dtype != received[0].array.dtype:
+            array = np.empty(size, dtype=received[0].array.dtype)
         offset = 0
         for p in received:
             if p.start != offset or offset + p.array.size > size:
@@ -127,7 +133,7 @@ class Holder:
         self.rank, self.source = rank, predecessor(rank, num_servers)
         self.sender = f"server-{rank}"
         self.config = None
-        self.records = {}   # (name, chunk) -> (meta, {part: array}); arrays never written to
+        self.records = {}   # (name, chunk) -> (meta, {part: array})
 
     def refusal(self, message):
         """Why `message` must be refused: only the predecessor's key may replicate here or
@@ -144,14 +150,15 @@ class Holder:
             return protocol.error_reply(message.id, self.sender, refusal)
         try:
             if message.op == "replicate":
-                records = decode(message)
+                records = decode(message, self.records)
                 if message.meta.get("full"):
                     self.records.clear()
                 self.config = message.meta.get("config", self.config)
                 for meta, parts in records:
                     self.records[meta.get("name"), meta.get("chunk")] = (meta, parts)
                 return Message("reply", message.id, self.sender)
-            keys, payloads, meta = encode(list(self.records.values()), copy=False)
+            # A copy: the next replicate writes into these arrays (decode's `previous`).
+            keys, payloads, meta = encode(list(self.records.values()), copy=True)
             meta["config"] = self.config
             return Message("reply", message.id, self.sender, keys, payloads, meta)
         except RequestError as error:
@@ -167,13 +174,16 @@ class Replication:
     its clock was applied (ServerState.hold_pushes): an unanswered push is re-sent to a
     restarted server, an answered one is in the replica.
 
-    Servers talk over tcp with CURVE (each listener admits the other servers' keys, for
-    these two ops only): the ipc peer map of a listener comes from the address book, which a
-    restarted server's first request can outrun."""
+    Over tcp the servers speak CURVE (each listener admits the other servers' keys, for these
+    two ops only). A successor on the same host is reached over ipc, where it names this
+    server by pid from its address book, except by a restarted server (`restarted`): its
+    new pid reaches the others in a book notice, which its first replica could outrun; it
+    uses tcp."""
 
-    def __init__(self, state, listener, membership, book, max_message_bytes):
+    def __init__(self, state, listener, membership, book, max_message_bytes, restarted=False):
         self.state, self.listener, self.membership = state, listener, membership
         self.max_message_bytes = max_message_bytes
+        self.restarted = restarted
         self.rank, self.num_servers = state.rank, state.num_servers
         self.target = successor(self.rank, self.num_servers)
         self.holder = Holder(self.rank, self.num_servers)
@@ -192,8 +202,10 @@ class Replication:
             self.connection.close()
         keys = self.membership.credentials
         self.entry = entry
+        # One pid running two servers (an in-process test job) names neither over ipc.
+        ipc = not self.restarted and entry.get("pid") != os.getpid()
         self.connection = transport.Connection(
-            entry["tcp"], transport.new_identity(f"server{self.rank}-replica"),
+            transport.pick_address(entry) if ipc else entry["tcp"], transport.new_identity(f"server{self.rank}-replica"),
             self.max_message_bytes,
             keys and auth.ClientCurve(keys, auth.key_name("server", self.target)))
         self.poller.register(self.connection.socket, zmq.POLLIN)

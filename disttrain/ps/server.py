@@ -702,4 +702,4 @@ def _start_replication(state, listener, membership, book, max_message_bytes, rep
               f"(--server-replicas 0): its shard starts empty", file=sys.stderr, flush=True)
     if not replicas:
         return None
-    return replica.Replication(state, listener, membership, book, max_message_bytes)
+    return replica.Replication(state, listener, membership, book, max_message_bytes, restarted)

@@ -46,8 +46,8 @@ class RecoveryCluster(Cluster):
                 stderr=err, cwd=ROOT, start_new_session=True)
 
 
-def mnist_job(directory, replicas, kill_server_after=None):
-    """Run the job; with kill_server_after=k, server 1 dies once rank 0 logged k steps.
+def mnist_job(directory, replicas, kill_server_after=None, killed=1):
+    """Run the job; with kill_server_after=k, server `killed` dies once rank 0 logged k steps.
     Returns (exit codes, rank 0's summary, rank 0's per-step losses, the cluster)."""
     cluster = RecoveryCluster(directory, replicas)
     losses = os.path.join(cluster.directory, "losses.txt")
@@ -64,7 +64,7 @@ def mnist_job(directory, replicas, kill_server_after=None):
                 return os.path.exists(losses) and \
                     len(open(losses).read().splitlines()) >= kill_server_after
             wait_until(steps_logged, SERVER_JOB_S, lambda: cluster.read("worker0"))
-            cluster.restart_server(1)
+            cluster.restart_server(killed)
         codes = cluster.wait(SERVER_JOB_S)
     finally:
         cluster.kill_all()
@@ -75,17 +75,20 @@ def mnist_job(directory, replicas, kill_server_after=None):
     return codes, summary, steps, cluster
 
 
-def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbroken_one(tmp_path):
+@pytest.mark.parametrize("killed", [0, 1])
+def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbroken_one(
+        tmp_path, killed):
     codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=1)
     assert set(codes.values()) == {0}, codes
-    got_codes, got_summary, got_steps, cluster = mnist_job(tmp_path / "broken", replicas=1,
-                                                           kill_server_after=8)
-    restarted = cluster.read("server1-restarted")
-    assert got_codes.pop("server1") == -signal.SIGKILL
+    got_codes, got_summary, got_steps, cluster = mnist_job(
+        tmp_path / "broken", replicas=1, kill_server_after=8, killed=killed)
+    other = 1 - killed
+    restarted = cluster.read(f"server{killed}-restarted")
+    assert got_codes.pop(f"server{killed}") == -signal.SIGKILL
     assert set(got_codes.values()) == {0}, (got_codes, restarted[-2000:],
                                            cluster.read("worker0")[-2000:])
-    assert "rebuilt" in restarted and "exactly from the replica on server 0" in restarted, restarted
-    assert "server 1 was restarted" in cluster.read("server0")
+    assert f"exactly from the replica on server {other}" in restarted, restarted
+    assert f"server {killed} was restarted" in cluster.read(f"server{other}")
     # Every step's loss and the final test accuracy are those of the unbroken run: the
     # replacement continued from exactly the weights and Adam moments the dead server had.
     assert len(steps) == 24 and got_steps == steps
