@@ -100,6 +100,10 @@ class KVStore:
         # restarted server; and the membership's book version they were sent under.
         self.unanswered = {}
         self._book_version = getattr(membership, "book_version", 0)
+        # Called as (server, {(name, chunk): clock of its oldest unanswered request}) when a
+        # server was restarted, before anything is re-sent to it (DataParallel's rank 0
+        # re-inits a server that has no replica there).
+        self.on_server_restarted = None
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]
@@ -140,6 +144,13 @@ class KVStore:
             if self._poller is not None:
                 self._poller.register(self.connections[rank].socket, zmq.POLLIN)
             resent = [message for server, message in self.unanswered.values() if server == rank]
+            if self.on_server_restarted is not None:
+                clocks = {}
+                for message in resent:
+                    for pair in zip(message.keys, message.meta.get("chunks", ())):
+                        clocks[pair] = min(clocks.get(pair, message.meta["clock"]),
+                                           message.meta["clock"])
+                self.on_server_restarted(rank, clocks)
             for message in resent:
                 self.connections[rank].send(message)
             _say(f"worker {self.rank}: server {rank} was restarted; re-sent its "
@@ -274,6 +285,33 @@ class KVStore:
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
+    def reinit_server(self, server, arrays, versions, optimizer, mode, staleness,
+                      checkpoint=None):
+        """Give restarted `server` (no replica) these weights of its chunks, at `versions`
+        {(name, chunk): version}; its optimizer state comes from `checkpoint` (a step
+        directory) if given. One message, sent ahead of anything re-sent to it; an error
+        reply fails whichever wait is under way."""
+        entries = []
+        for name, array in arrays.items():
+            self._dense_entries(name, np.array(array, copy=True), entries)
+        entries = [entry for entry in entries if entry.chunk.server == server]
+        specs = []
+        for entry in entries:
+            shape, dtype, sparse, _ = self.specs[entry.name]
+            specs.append({"shape": list(shape), "dtype": dtype.name, "sparse": sparse,
+                          "average": entry.name in self.averaged})
+        request_id = next(self._ids)
+        self.handles[request_id] = _Reinit(self, f"re-init of restarted server {server}",
+                                           [request_id])
+        self._send_to(server, Message(
+            "init", request_id, self.sender, [entry.name for entry in entries],
+            [protocol.Payload(index, kind, start, array) for index, entry in enumerate(entries)
+             for kind, start, array in entry.pieces],
+            {"optimizer": optimizer, "mode": mode, "staleness": staleness, "specs": specs,
+             "chunks": [entry.chunk.index for entry in entries], "recover": True,
+             "versions": [versions[entry.name, entry.chunk.index] for entry in entries],
+             "checkpoint": checkpoint}))
+
     def _push_meta(self, clock, lr):
         meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
         if self.ask_checkpoint:
@@ -398,6 +436,15 @@ def _pack(entries):
         size += entry.nbytes
     if group:
         yield group
+
+
+class _Reinit(Handle):
+    """Nobody waits for a re-init: its refusal fails the wait under way when it arrives."""
+
+    def _answer(self, reply):
+        super()._answer(reply)
+        if self.errors:
+            raise PSError(f"{self.what} failed: " + "; ".join(self.errors))
 
 
 class _Group:

@@ -10,7 +10,7 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import auth, group as groups, protocol, replica, snapshot, transport
+from disttrain.ps import auth, group as groups, protocol, rebuild, replica, snapshot, transport
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -630,9 +630,15 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
         if listener.security is not None:   # who is who among this host's ipc peers
             listener.security.learn_local_peers(book, transport.host_identity())
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        if replicas and state.num_servers < 2:
+            print("disttrain: --server-replicas 1 needs 2 or more servers; a lone server keeps "
+                  "no replica", file=sys.stderr, flush=True)
+            replicas = 0
         replication = _start_replication(state, listener, membership, book, max_message_bytes,
                                          replicas, restarted)
         receive = replication.receive if replication is not None else listener.receive
+        # Without a replica, a restarted server waits for worker 0's weights (ps/rebuild.py).
+        awaiting = rebuild.AwaitWeights(state) if restarted and not replicas else None
         book_version = getattr(membership, "book_version", 0)
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
@@ -662,9 +668,13 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             else:
                 refusal = auth.worker_refusal(message)
                 try:
-                    replies = [(identity, protocol.error_reply(message.id, state.sender,
-                                                               refusal))] \
-                        if refusal else state.handle(identity, message)
+                    if refusal:
+                        replies = [(identity, protocol.error_reply(message.id, state.sender,
+                                                                   refusal))]
+                    elif awaiting is not None and not awaiting.done:
+                        replies = awaiting.handle(identity, message)
+                    else:
+                        replies = state.handle(identity, message)
                 except Exception as error:  # a bug must not take the job down silently
                     traceback.print_exc()
                     replies = [(identity, protocol.error_reply(
@@ -691,15 +701,8 @@ def _start_replication(state, listener, membership, book, max_message_bytes, rep
                        restarted):
     """A restarted server's shard back from its replica, and this server's part in the
     chain (None without replicas)."""
-    if replicas and state.num_servers < 2:
-        print("disttrain: --server-replicas 1 needs 2 or more servers; a lone server keeps "
-              "no replica", file=sys.stderr, flush=True)
-        return None
     if restarted and replicas:
         replica.fetch_shard(state, book, membership, max_message_bytes)
-    elif restarted:
-        print(f"disttrain: server {state.rank} restarted without a replica "
-              f"(--server-replicas 0): its shard starts empty", file=sys.stderr, flush=True)
     if not replicas:
         return None
     return replica.Replication(state, listener, membership, book, max_message_bytes, restarted)

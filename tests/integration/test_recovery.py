@@ -46,7 +46,7 @@ class RecoveryCluster(Cluster):
                 stderr=err, cwd=ROOT, start_new_session=True)
 
 
-def mnist_job(directory, replicas, kill_server_after=None, killed=1):
+def mnist_job(directory, replicas, kill_server_after=None, killed=1, extra=()):
     """Run the job; with kill_server_after=k, server `killed` dies once rank 0 logged k steps.
     Returns (exit codes, rank 0's summary, rank 0's per-step losses, the cluster)."""
     cluster = RecoveryCluster(directory, replicas)
@@ -58,7 +58,7 @@ def mnist_job(directory, replicas, kill_server_after=None, killed=1):
             MNIST, "--no-progress", "--seed", "3", "--limit-train", "4096", "--epochs", "1",
             "--batch-size", "64", "--max-steps", "24", "--loss-log", losses,
             "--slow-ms", "60", "--slow-rank", "1",
-            "--metrics", os.path.join(cluster.directory, "summary.json")])
+            "--metrics", os.path.join(cluster.directory, "summary.json"), *extra])
         if kill_server_after is not None:
             def steps_logged():
                 return os.path.exists(losses) and \
@@ -94,3 +94,28 @@ def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbrok
     assert len(steps) == 24 and got_steps == steps
     assert (got_summary["test_accuracy"], got_summary["train_loss"]) == \
         (summary["test_accuracy"], summary["train_loss"])
+
+
+def test_a_killed_server_without_a_replica_gets_the_workers_weights_and_the_checkpoints_optimizer_state(
+        tmp_path):
+    checkpoints = ["--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-every", "4"]
+    codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=0)
+    assert set(codes.values()) == {0}, codes
+    got_codes, got_summary, got_steps, cluster = mnist_job(
+        tmp_path / "broken", replicas=0, kill_server_after=10, extra=checkpoints)
+    restarted = cluster.read("server1-restarted")
+    assert got_codes.pop("server1") == -signal.SIGKILL
+    assert set(got_codes.values()) == {0}, (got_codes, restarted[-2000:],
+                                           cluster.read("worker0")[-2000:])
+    rolled_back = [line for line in restarted.splitlines() if "rolled back to checkpoint" in line]
+    assert rolled_back, restarted
+    step_dir, step = rolled_back[0].split("rolled back to checkpoint ")[1].split(" (step ")
+    step = int(step.split(")")[0])
+    # The newest checkpoint when server 1 died: written every 4 steps, the kill after 10.
+    assert os.path.dirname(step_dir) == str(tmp_path / "checkpoints")
+    assert os.path.basename(step_dir) == f"step-{step:06d}" and step % 4 == 0 and step >= 8
+    # Up to the kill, the run is the unbroken one; after it only the Adam moments of one
+    # server's keys are older, so training goes on to about the same accuracy.
+    assert len(got_steps) == 24 and got_steps[:10] == steps[:10]
+    assert abs(got_summary["test_accuracy"] - summary["test_accuracy"]) < 0.05, \
+        (got_summary, summary)
