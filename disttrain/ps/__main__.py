@@ -69,7 +69,7 @@ def main():
                             rank=settings.rank, observe=settings.observe,
                             metrics_dir=settings.metrics_dir,
                             replicas=settings.server_replicas,
-                            restarted=settings.incarnation > 0)
+                            incarnation=settings.incarnation)
     except auth.KeysError as error:   # no keys, unreadable keys, or a libzmq without CURVE
         raise SystemExit(str(error)) from None
 

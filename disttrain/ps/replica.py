@@ -134,6 +134,7 @@ class Holder:
         self.sender = f"server-{rank}"
         self.config = None
         self.records = {}   # (name, chunk) -> (meta, {part: array})
+        self.incarnation = 0   # the newest incarnation of the predecessor heard from
 
     def refusal(self, message):
         """Why `message` must be refused: only the predecessor's key may replicate here or
@@ -150,6 +151,12 @@ class Holder:
             return protocol.error_reply(message.id, self.sender, refusal)
         try:
             if message.op == "replicate":
+                incarnation = message.meta.get("incarnation", 0)
+                if type(incarnation) is not int or incarnation < self.incarnation:
+                    raise RequestError(f"replicate from incarnation {incarnation!r} of "
+                                       f"server-{self.source}, which incarnation "
+                                       f"{self.incarnation} replaced")
+                self.incarnation = incarnation
                 records = decode(message, self.records)
                 if message.meta.get("full"):
                     self.records.clear()
@@ -176,14 +183,15 @@ class Replication:
 
     Over tcp the servers speak CURVE (each listener admits the other servers' keys, for these
     two ops only). A successor on the same host is reached over ipc, where it names this
-    server by pid from its address book, except by a restarted server (`restarted`): its
-    new pid reaches the others in a book notice, which its first replica could outrun; it
-    uses tcp."""
+    server by pid from its address book, except by a restarted server (incarnation > 0):
+    its new pid reaches the others in a book notice, which its first replica could outrun;
+    it uses tcp. Each replica names the sender's incarnation, so that a replaced process
+    that still runs (it was frozen) cannot overwrite its replacement's."""
 
-    def __init__(self, state, listener, membership, book, max_message_bytes, restarted=False):
+    def __init__(self, state, listener, membership, book, max_message_bytes, incarnation=0):
         self.state, self.listener, self.membership = state, listener, membership
         self.max_message_bytes = max_message_bytes
-        self.restarted = restarted
+        self.incarnation = incarnation
         self.rank, self.num_servers = state.rank, state.num_servers
         self.target = successor(self.rank, self.num_servers)
         self.holder = Holder(self.rank, self.num_servers)
@@ -203,7 +211,7 @@ class Replication:
         keys = self.membership.credentials
         self.entry = entry
         # One pid running two servers (an in-process test job) names neither over ipc.
-        ipc = not self.restarted and entry.get("pid") != os.getpid()
+        ipc = not self.incarnation and entry.get("pid") != os.getpid()
         self.connection = transport.Connection(
             transport.pick_address(entry) if ipc else entry["tcp"], transport.new_identity(f"server{self.rank}-replica"),
             self.max_message_bytes,
@@ -234,7 +242,7 @@ class Replication:
         self.sent += 1
         copy = (self.state.config or {}).get("mode") != "sync"
         names, payloads, meta = encode([chunk_record(key) for key in keys], copy)
-        meta.update(config=self.state.config, full=full)
+        meta.update(config=self.state.config, full=full, incarnation=self.incarnation)
         self.connection.send(Message("replicate", self.sent, self.state.sender, names,
                                      payloads, meta))
 

@@ -610,13 +610,14 @@ def _by_key(message):
 
 
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
-          rank=None, observe=frozenset(), metrics_dir=None, replicas=0, restarted=False):
+          rank=None, observe=frozenset(), metrics_dir=None, replicas=0, incarnation=0):
     """A server process's loop: register (asking for `rank`, the launcher's, if given, and
     advertising `host`, else the address on the route to the scheduler), then answer requests
     until the scheduler says shutdown (return 0) or reports a dead peer (return 1).
     `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields).
-    replicas=1: chain replication (ps/replica.py); restarted (incarnation > 0): the shard is
-    fetched back from the replica first."""
+    replicas=1: chain replication (ps/replica.py); incarnation > 0 (a restarted server): the
+    shard is rebuilt first, from the replica or from the workers (ps/rebuild.py)."""
+    restarted = incarnation > 0
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     keys = membership.credentials
     # With replicas the other servers' keys get in too, for the replica ops only (below).
@@ -635,7 +636,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                   "no replica", file=sys.stderr, flush=True)
             replicas = 0
         replication = _start_replication(state, listener, membership, book, max_message_bytes,
-                                         replicas, restarted)
+                                         replicas, incarnation)
         receive = replication.receive if replication is not None else listener.receive
         # Without a replica, a restarted server waits for worker 0's weights (ps/rebuild.py).
         awaiting = rebuild.AwaitWeights(state) if restarted and not replicas else None
@@ -698,11 +699,12 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
 
 
 def _start_replication(state, listener, membership, book, max_message_bytes, replicas,
-                       restarted):
+                       incarnation):
     """A restarted server's shard back from its replica, and this server's part in the
     chain (None without replicas)."""
-    if restarted and replicas:
+    if incarnation and replicas:
         replica.fetch_shard(state, book, membership, max_message_bytes)
     if not replicas:
         return None
-    return replica.Replication(state, listener, membership, book, max_message_bytes, restarted)
+    return replica.Replication(state, listener, membership, book, max_message_bytes,
+                               incarnation)

@@ -188,3 +188,16 @@ def test_a_worker_resends_what_a_restarted_server_never_answered_to_its_new_addr
     finally:
         store.close()
         new.close()
+
+
+def test_a_replaced_incarnation_cannot_overwrite_its_replacements_replica():
+    holder = replica.Holder(1, 2)
+    state = make_server("sync")
+    names, payloads, meta = replica.encode(
+        [replica.chunk_record(key) for key in state.keys.values()], copy=True)
+    for incarnation, expected in ((1, "reply"), (0, "error"), (1, "reply")):
+        reply = holder.handle(wire(Message("replicate", 5, "server-0", names, payloads,
+                                           dict(meta, incarnation=incarnation))))
+        assert reply.op == expected, reply.meta
+    assert "which incarnation 1 replaced" in holder.handle(wire(Message(
+        "replicate", 6, "server-0", names, payloads, dict(meta, incarnation=0)))).meta["error"]
