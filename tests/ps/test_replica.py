@@ -4,10 +4,11 @@ what a restarted server never answered."""
 import numpy as np
 import pytest
 
-from disttrain.ps import client, protocol, replica, transport
+from disttrain.ps import auth, client, protocol, replica, transport
 from disttrain.ps.protocol import Message
 from disttrain.ps.server import ServerState
 from tests.ps import test_group, test_snapshot
+from tests.ps.inprocess import job
 from disttrain.ps.layout import chunk_layout
 from tests.ps.test_server import init_message, make_server, pull, push
 from tests.waiting import wait_until
@@ -201,3 +202,32 @@ def test_a_replaced_incarnation_cannot_overwrite_its_replacements_replica():
         assert reply.op == expected, reply.meta
     assert "which incarnation 1 replaced" in holder.handle(wire(Message(
         "replicate", 6, "server-0", names, payloads, dict(meta, incarnation=0)))).meta["error"]
+
+
+def test_with_replicas_a_server_key_gets_in_for_the_replica_ops_of_its_successor_only():
+    """Through real CURVE sockets: server 0 of three keeps server 2's replica. Server 2's key
+    may fetch it, but not pull like a worker; server 1's key may not fetch it."""
+    with job(1, 3, replicas=1) as connect:
+        [(_, store)] = connect()
+        store.declare("w", (4,), np.float32)
+        store.init({"w": np.ones(4, np.float32)}, {"name": "sgd", "hyper": {}})
+        out = np.zeros(4, np.float32)
+        store.pull({"w": out}, 0)    # answered once the init's replica was acknowledged
+        assert out.tolist() == [1, 1, 1, 1]
+
+        def ask(server_rank, op):
+            credentials = auth.load_credentials(connect.keys, "server", server_rank)
+            connection = transport.Connection(
+                store.connections[0].address, b"intruder-%d" % server_rank,
+                security=auth.ClientCurve(credentials, "server-0"))
+            try:
+                return connection.request(Message(op, 1, f"server-{server_rank}", meta={
+                    "rank": 0, "clock": 0, "chunks": []}), transport.Deadline(30, op))
+            finally:
+                connection.close()
+        assert ask(2, "fetch_replica").op == "reply"
+        refused = ask(2, "pull")
+        assert refused.op == "error" and "only workers talk to servers" in refused.meta["error"]
+        refused = ask(1, "fetch_replica")
+        assert refused.op == "error" and "keeps the replica of server-2 only" in \
+            refused.meta["error"]
