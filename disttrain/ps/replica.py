@@ -213,7 +213,8 @@ class Replication:
         # One pid running two servers (an in-process test job) names neither over ipc.
         ipc = not self.incarnation and entry.get("pid") != os.getpid()
         self.connection = transport.Connection(
-            transport.pick_address(entry) if ipc else entry["tcp"], transport.new_identity(f"server{self.rank}-replica"),
+            transport.pick_address(entry) if ipc else entry["tcp"],
+            transport.new_identity(f"server{self.rank}-replica"),
             self.max_message_bytes,
             keys and auth.ClientCurve(keys, auth.key_name("server", self.target)))
         self.poller.register(self.connection.socket, zmq.POLLIN)

@@ -96,7 +96,7 @@ def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbrok
         (summary["test_accuracy"], summary["train_loss"])
 
 
-def test_a_killed_server_without_a_replica_gets_the_workers_weights_and_the_checkpoints_optimizer_state(
+def test_a_killed_server_without_a_replica_gets_the_workers_weights_and_checkpointed_state(
         tmp_path):
     checkpoints = ["--checkpoint-dir", str(tmp_path / "checkpoints"), "--checkpoint-every", "4"]
     codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=0)
