@@ -27,8 +27,8 @@ MNIST = os.path.join(ROOT, "workers", "mnist.py")
 class RecoveryCluster(Cluster):
     """tests.ps.cluster.Cluster with recovery on, and one process restartable."""
 
-    def __init__(self, directory, replicas):
-        super().__init__(directory, 2, 2, heartbeat_timeout=2, timeout=60)
+    def __init__(self, directory, replicas, servers=2):
+        super().__init__(directory, 2, servers, heartbeat_timeout=2, timeout=60)
         self.env.update(DISTTRAIN_RESTART_TIMEOUT="30", DISTTRAIN_SERVER_REPLICAS=str(replicas),
                         DISTTRAIN_PROGRESS="0")
 
@@ -46,10 +46,10 @@ class RecoveryCluster(Cluster):
                 stderr=err, cwd=ROOT, start_new_session=True)
 
 
-def mnist_job(directory, replicas, kill_server_after=None, killed=1, extra=()):
+def mnist_job(directory, replicas, kill_server_after=None, killed=1, extra=(), servers=2):
     """Run the job; with kill_server_after=k, server `killed` dies once rank 0 logged k steps.
     Returns (exit codes, rank 0's summary, rank 0's per-step losses, the cluster)."""
-    cluster = RecoveryCluster(directory, replicas)
+    cluster = RecoveryCluster(directory, replicas, servers)
     losses = os.path.join(cluster.directory, "losses.txt")
     try:
         cluster.start_roles()
@@ -75,20 +75,23 @@ def mnist_job(directory, replicas, kill_server_after=None, killed=1, extra=()):
     return codes, summary, steps, cluster
 
 
-@pytest.mark.parametrize("killed", [0, 1])
+# With 2 servers each keeps the other's replica; with 3, server 1's replica is on server 2
+# and server 0 re-seeds its own replica on server 1's replacement.
+@pytest.mark.parametrize("servers,killed", [(2, 0), (2, 1), (3, 1)])
 def test_a_killed_server_with_a_replica_comes_back_and_the_job_ends_as_an_unbroken_one(
-        tmp_path, killed):
-    codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=1)
+        tmp_path, servers, killed):
+    codes, summary, steps, _ = mnist_job(tmp_path / "unbroken", replicas=1, servers=servers)
     assert set(codes.values()) == {0}, codes
     got_codes, got_summary, got_steps, cluster = mnist_job(
-        tmp_path / "broken", replicas=1, kill_server_after=8, killed=killed)
-    other = 1 - killed
+        tmp_path / "broken", replicas=1, kill_server_after=8, killed=killed, servers=servers)
+    successor, predecessor = (killed + 1) % servers, (killed - 1) % servers
     restarted = cluster.read(f"server{killed}-restarted")
     assert got_codes.pop(f"server{killed}") == -signal.SIGKILL
     assert set(got_codes.values()) == {0}, (got_codes, restarted[-2000:],
                                            cluster.read("worker0")[-2000:])
-    assert f"exactly from the replica on server {other}" in restarted, restarted
-    assert f"server {killed} was restarted" in cluster.read(f"server{other}")
+    assert f"exactly from the replica on server {successor}" in restarted, restarted
+    assert f"server {killed} was restarted; sending it the replica" in \
+        cluster.read(f"server{predecessor}")
     # Every step's loss and the final test accuracy are those of the unbroken run: the
     # replacement continued from exactly the weights and Adam moments the dead server had.
     assert len(steps) == 24 and got_steps == steps
