@@ -154,7 +154,7 @@ class DataParallel:
         every worker holds the weights of its last clock): a key with an unanswered request
         of clock c at version c, any other at this worker's clock (its reply arrived)."""
         newest = None
-        if self.checkpoints is not None:
+        if self.checkpoints is not None:   # (its module is loaded then: harness made it)
             from disttrain.checkpoint_dist import complete_checkpoints
             found = complete_checkpoints(self.checkpoints.directory)
             newest = str(found[0]) if found else None
