@@ -122,3 +122,48 @@ def test_a_killed_server_without_a_replica_gets_the_workers_weights_and_checkpoi
     assert len(got_steps) == 24 and got_steps[:10] == steps[:10]
     assert abs(got_summary["test_accuracy"] - summary["test_accuracy"]) < 0.05, \
         (got_summary, summary)
+
+
+WORD2VEC = os.path.join(ROOT, "workers", "word2vec.py")
+
+
+def clocks_completed(metrics_file):
+    """The newest clock a server's metrics lines say all workers completed, or -1."""
+    if not os.path.exists(metrics_file):
+        return -1
+    clocks = [clock for line in open(metrics_file).read().splitlines() if line.endswith("}")
+              for clock, _, _ in json.loads(line)["last_at_clock"]]
+    return max(clocks, default=-1)
+
+
+def word2vec_job(directory, kill_server_after=None):
+    """The sparse path (row pulls, row pushes answered once their clock is applied) with
+    replicas; server 1 dies once its metrics say `kill_server_after` clocks were completed."""
+    cluster = RecoveryCluster(directory, 1)
+    metrics = os.path.join(cluster.directory, "metrics")
+    cluster.env["DISTTRAIN_METRICS_DIR"] = metrics   # the servers' lines: the clocks done
+    summary = os.path.join(cluster.directory, "summary.json")
+    try:
+        cluster.start_roles()
+        cluster.start_workers(program=[WORD2VEC, "--no-progress", "--seed", "3", "--epochs",
+                                       "1", "--max-steps", "200", "--metrics", summary])
+        if kill_server_after is not None:
+            wait_until(lambda: clocks_completed(os.path.join(metrics, "server-1.jsonl")) >=
+                       kill_server_after, SERVER_JOB_S, lambda: cluster.read("worker0"))
+            cluster.restart_server(1)
+        codes = cluster.wait(SERVER_JOB_S)
+    finally:
+        cluster.kill_all()
+    return codes, json.load(open(summary)) if os.path.exists(summary) else None, cluster
+
+
+def test_a_killed_server_of_a_sparse_model_with_a_replica_ends_as_an_unbroken_one(tmp_path):
+    codes, summary, _ = word2vec_job(tmp_path / "unbroken")
+    assert set(codes.values()) == {0}, codes
+    got_codes, got_summary, cluster = word2vec_job(tmp_path / "broken", kill_server_after=20)
+    restarted = cluster.read("server1-restarted")
+    assert got_codes.pop("server1") == -signal.SIGKILL
+    assert set(got_codes.values()) == {0}, (got_codes, restarted[-2000:])
+    assert "exactly from the replica on server 0" in restarted, restarted
+    assert (got_summary["train_loss"], got_summary["val_loss"]) == \
+        (summary["train_loss"], summary["val_loss"])
