@@ -147,9 +147,10 @@ class KVStore:
             if self.on_server_restarted is not None:
                 clocks = {}
                 for message in resent:
+                    clock = message.meta.get("clock")   # an init or a request has none
                     for pair in zip(message.keys, message.meta.get("chunks", ())):
-                        clocks[pair] = min(clocks.get(pair, message.meta["clock"]),
-                                           message.meta["clock"])
+                        if type(clock) is int:
+                            clocks[pair] = min(clocks.get(pair, clock), clock)
                 self.on_server_restarted(rank, clocks)
             for message in resent:
                 self.connections[rank].send(message)
