@@ -231,3 +231,38 @@ def test_with_replicas_a_server_key_gets_in_for_the_replica_ops_of_its_successor
         refused = ask(1, "fetch_replica")
         assert refused.op == "error" and "keeps the replica of server-2 only" in \
             refused.meta["error"]
+
+
+def test_without_replicas_worker_0_re_inits_a_restarted_server_before_re_sending():
+    old, new = (transport.Listener("127.0.0.1", with_ipc=False) for _ in range(2))
+    membership = FakeMembership()
+    store = client.KVStore({"server": [{"tcp": old.tcp_address, "ipc": "", "pid": 1}],
+                            "worker": [{}]}, 0, membership, timeout=30)
+    weights = {"a": np.full(6, 7, np.float32), "b": np.full(3, 8, np.float32)}
+    seen = []
+
+    def reinit(server, clocks):
+        seen.append(clocks)
+        versions = {(name, 0): clocks.get((name, 0), 4) for name in weights}
+        store.reinit_server(server, weights, versions, {"name": "sgd", "hyper": {}}, "sync", 0)
+    store.on_server_restarted = reinit
+    try:
+        for name, array in weights.items():
+            store.declare(name, array.shape, array.dtype)
+        # Key a's reply of clock 3 never came; key b's did (the worker is at clock 4).
+        pending = store.pushpull_async({"a": np.ones(6, np.float32)},
+                                       {"a": np.zeros(6, np.float32)}, 3, lr=0.1)
+        old.receive(10_000)
+        old.close()
+        membership.book = {"server": [{"tcp": new.tcp_address, "ipc": "", "pid": 2}]}
+        membership.book_version = 1
+        assert not pending.done()
+        assert seen == [{("a", 0): 3}]
+        _, init = new.receive(10_000)
+        _, resent = new.receive(10_000)
+        assert (init.op, init.meta["recover"], resent.op) == ("init", True, "pushpull")
+        assert dict(zip(init.keys, init.meta["versions"])) == {"a": 3, "b": 4}
+        np.testing.assert_array_equal(init.payloads[0].array, np.full(6, 7, np.float32))
+    finally:
+        store.close()
+        new.close()
