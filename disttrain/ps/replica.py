@@ -35,7 +35,9 @@ def chunk_record(key):
     meta = {"name": key.name, "chunk": key.chunk.index,
             "spec": {"shape": list(key.shape), "dtype": key.dtype.name,
                      "sparse": key.sparse, "average": key.average},
-            "version": key.version, "pushes": list(key.pushes)}
+            "version": key.version, "pushes": list(key.pushes),
+            # the contributions counted into applied updates (KeyChunk.applied, where kept)
+            "applied": int(getattr(key, "applied", 0))}
     parts = {"param": key.param.reshape(-1)}
     parts.update((name, np.asarray(value).reshape(-1)) for name, value in arrays.items())
     if isinstance(step, np.ndarray):   # a sparse key's per-row step counts
@@ -112,6 +114,8 @@ def install(state, message):
             param = parts.pop("param").reshape(key.param.shape)
             step = parts.pop("step") if meta["step"] == "rows" else meta["step"]
             key.version, key.pushes = int(meta["version"]), [int(n) for n in meta["pushes"]]
+            if hasattr(key, "applied"):
+                key.applied = int(meta.get("applied", 0))
         except (KeyError, TypeError, ValueError) as error:
             raise RequestError(f"fetch_replica: bad record {meta!r}: {error}") from None
         if len(key.pushes) != state.num_workers:
