@@ -310,6 +310,7 @@ class KVStore:
              for kind, start, array in entry.pieces],
             {"optimizer": optimizer, "mode": mode, "staleness": staleness, "specs": specs,
              "chunks": [entry.chunk.index for entry in entries], "recover": True,
+             "recovery": mode == "sync",   # keep previous weights (helper worker-recovery's)
              "versions": [versions[entry.name, entry.chunk.index] for entry in entries],
              "checkpoint": checkpoint}))
 

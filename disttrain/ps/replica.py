@@ -125,6 +125,8 @@ def install(state, message):
                                            for part, array in parts.items()}, param)
         keys[name, chunk] = key
     state.config = message.meta.get("config")
+    if hasattr(state, "keep_previous"):   # helper worker-recovery's exact worker pulls
+        state.keep_previous = message.meta.get("keep_previous") is True
     state.keys.update(keys)
     return keys
 
@@ -137,6 +139,7 @@ class Holder:
         self.rank, self.source = rank, predecessor(rank, num_servers)
         self.sender = f"server-{rank}"
         self.config = None
+        self.keep_previous = False   # the predecessor's ServerState.keep_previous
         self.records = {}   # (name, chunk) -> (meta, {part: array})
         self.incarnation = 0   # the newest incarnation of the predecessor heard from
 
@@ -165,12 +168,13 @@ class Holder:
                 if message.meta.get("full"):
                     self.records.clear()
                 self.config = message.meta.get("config", self.config)
+                self.keep_previous = message.meta.get("keep_previous") is True
                 for meta, parts in records:
                     self.records[meta.get("name"), meta.get("chunk")] = (meta, parts)
                 return Message("reply", message.id, self.sender)
             # A copy: the next replicate writes into these arrays (decode's `previous`).
             keys, payloads, meta = encode(list(self.records.values()), copy=True)
-            meta["config"] = self.config
+            meta.update(config=self.config, keep_previous=self.keep_previous)
             return Message("reply", message.id, self.sender, keys, payloads, meta)
         except RequestError as error:
             return protocol.error_reply(message.id, self.sender, str(error))
@@ -247,7 +251,8 @@ class Replication:
         self.sent += 1
         copy = (self.state.config or {}).get("mode") != "sync"
         names, payloads, meta = encode([chunk_record(key) for key in keys], copy)
-        meta.update(config=self.state.config, full=full, incarnation=self.incarnation)
+        meta.update(config=self.state.config, full=full, incarnation=self.incarnation,
+                    keep_previous=getattr(self.state, "keep_previous", False))
         self.connection.send(Message("replicate", self.sent, self.state.sender, names,
                                      payloads, meta))
 
