@@ -218,7 +218,7 @@ def test_with_replicas_a_server_key_gets_in_for_the_replica_ops_of_its_successor
         def ask(server_rank, op):
             credentials = auth.load_credentials(connect.keys, "server", server_rank)
             connection = transport.Connection(
-                store.connections[0].address, b"intruder-%d" % server_rank,
+                store.connections[0].address, transport.new_identity("intruder"),
                 security=auth.ClientCurve(credentials, "server-0"))
             try:
                 return connection.request(Message(op, 1, f"server-{server_rank}", meta={
