@@ -131,6 +131,9 @@ class DataParallel:
             # A replacement joins a running job: the servers hold everything, and the other
             # workers are past the start barrier, waiting in the clock it must redo.
             replacing = self._membership.recovery
+            replica = settings.server_replicas and self.num_servers > 1
+            if self.rank == 0 and settings.recovery and not replica:
+                self._store.on_server_restarted = self._reinit_server   # no replica to fetch
             if self.rank == 0 and not replacing:
                 self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                   **self._averaged.initial()},
@@ -169,6 +172,22 @@ class DataParallel:
         self._averaged.recover(self.clock, exact=self.mode == "sync")
         print(f"disttrain: worker {self.rank} recovered: a replacement, resuming at clock "
               f"{self.clock}", file=sys.stderr, flush=True)
+
+    def _reinit_server(self, server, clocks):
+        """A server restarted without a replica gets this worker's weights (in sync mode
+        every worker holds the weights of its last clock): a key with an unanswered request
+        of clock c at version c, any other at this worker's clock (its reply arrived)."""
+        newest = None
+        if self.checkpoints is not None:   # (its module is loaded then: harness made it)
+            from disttrain.checkpoint_dist import complete_checkpoints
+            found = complete_checkpoints(self.checkpoints.directory)
+            newest = str(found[0]) if found else None
+        arrays = {**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
+                  **self._averaged.initial()}
+        versions = {(name, chunk.index): clocks.get((name, chunk.index), self.clock)
+                    for name in arrays for chunk in self._store.specs[name][3]}
+        self._store.reinit_server(server, arrays, versions, self.optimizer.config(), self.mode,
+                                  self.staleness, newest)
 
     def _sparse_modules(self):
         """{weight key: module} of the layers that produce row-sparse gradients."""

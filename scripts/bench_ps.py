@@ -3,7 +3,9 @@ next to raw pyzmq PUSH/PULL moving the same bytes in the same run, and the round
 tiny push+pull next to a raw DEALER/ROUTER round trip; then the cost of CURVE: the same
 push+pull and round trip on one server over tcp with the job's keys (the default) against
 DISTTRAIN_INSECURE=1, in alternating rounds (`--curve-transport ipc` measures the same-host
-default instead, which has no CURVE). Last line: one JSON object.
+default instead, which has no CURVE); then the cost of chain replication: push+pull on two
+servers with DISTTRAIN_SERVER_REPLICAS=1 against none, alternating rounds
+(`--replication-only` runs just that). Last line: one JSON object.
 
     python scripts/bench_ps.py [--sizes 1,16,64,256] [--servers 1,2] [--transport ipc|tcp]
 
@@ -137,7 +139,7 @@ class Job:
     """Scheduler and servers as `python -m disttrain.ps` processes; this process is the one
     worker. `secure`: CURVE with fresh keys, as launched jobs run; else DISTTRAIN_INSECURE=1."""
 
-    def __init__(self, num_servers, transport, secure=True):
+    def __init__(self, num_servers, transport, secure=True, replicas=0):
         port = free_port()
         self.keys = tempfile.mkdtemp(prefix="bench-keys-") if secure else None
         if secure:
@@ -145,7 +147,8 @@ class Job:
         security = {"DISTTRAIN_KEYS": self.keys} if secure else {"DISTTRAIN_INSECURE": "1"}
         self.env = dict(os.environ, DISTTRAIN_SCHEDULER=f"127.0.0.1:{port}",
                         DISTTRAIN_NUM_WORKERS="1", DISTTRAIN_NUM_SERVERS=str(num_servers),
-                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120", **security)
+                        DISTTRAIN_HOST="127.0.0.1", DISTTRAIN_TIMEOUT="120",
+                        DISTTRAIN_SERVER_REPLICAS=str(replicas), **security)
         self.processes = [self._start("scheduler")] + [
             self._start("server", rank) for rank in range(num_servers)]
         credentials = auth.load_credentials(self.keys, "worker", 0) if secure else None
@@ -233,9 +236,15 @@ def main():
                         help="transport of the CURVE against --insecure comparison")
     parser.add_argument("--rtt-repeats", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--replication-only", action="store_true",
+                        help="measure only replicas=1 against replicas=0 (2 servers)")
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     server_counts = [int(s) for s in args.servers.split(",")]
+    if args.replication_only:
+        print(json.dumps({f"replication_throughput_ratio_{size}mb": ratio
+                          for size, ratio in replication_cost(args, sizes).items()}))
+        return
 
     print(f"transport {args.transport}, raw messages of {RAW_MESSAGE_BYTES // MB} MB, "
           f"{os.cpu_count()} cpus, best of {args.rounds} interleaved rounds")
@@ -271,12 +280,14 @@ def main():
     print(f"tiny push+pull round trip {ps_rtt * 1e6:.0f} us (median), raw DEALER/ROUTER "
           f"{raw_rtt * 1e6:.0f} us, ratio {ps_rtt / raw_rtt:.2f}")
     curve_ratios, curve_rtt_ratio = curve_cost(args, sizes)
+    replication_ratios = replication_cost(args, sizes)
     # The figure per size is the best server count's ratio; the table shows each.
     summary = {"throughput_ratio_16mb": round(max(ratios[16]), 3) if 16 in ratios else None,
                "throughput_ratio_256mb": round(max(ratios[256]), 3) if 256 in ratios else None,
                "rtt_ratio": round(ps_rtt / raw_rtt, 3),
                "curve_throughput_ratio_16mb": curve_ratios.get(16),
-               "curve_rtt_ratio": curve_rtt_ratio}
+               "curve_rtt_ratio": curve_rtt_ratio,
+               "replication_throughput_ratio_16mb": replication_ratios.get(16)}
     print(json.dumps(summary))
 
 
@@ -351,6 +362,33 @@ def curve_cost(args, sizes):
         print(f"libsodium XSalsa20-Poly1305 on one core: {sodium / 1e9:.2f} GB/s (a push+pull "
               f"encrypts and decrypts every byte both ways)")
     return ratios, round(rtt["curve"] / rtt["insecure"], 3)
+
+
+def replication_cost(args, sizes):
+    """{size: push+pull throughput with --server-replicas 1 / without}, two servers each,
+    rounds alternating between the two jobs so both see the same machine load."""
+    print(f"--server-replicas 1 against 0: 2 servers, {args.transport}, sgd (no optimizer "
+          f"state: Adam's two moments would triple what a replica receives)")
+    print(f"{'model MB':>8} {'replicated GB/s':>15} {'plain GB/s':>10} {'ratio':>6}")
+    jobs = {"replicated": Job(2, args.transport, replicas=1),
+            "plain": Job(2, args.transport, replicas=0)}
+    ratios = {}
+    try:
+        for size in sizes:
+            best = {name: 0.0 for name in jobs}
+            clocks = {name: 0 for name in jobs}
+            for _ in range(args.rounds):
+                for name, job in jobs.items():
+                    rate, clocks[name] = ps_throughput(job, size * MB, repeats_for(size * MB),
+                                                       f"model{size}", clocks[name])
+                    best[name] = max(best[name], rate)
+            ratios[size] = round(best["replicated"] / best["plain"], 3)
+            print(f"{size:>8} {best['replicated'] / 1e9:>15.2f} {best['plain'] / 1e9:>10.2f} "
+                  f"{ratios[size]:>6.2f}", flush=True)
+    finally:
+        for job in jobs.values():
+            job.close()
+    return ratios
 
 
 if __name__ == "__main__":

@@ -68,7 +68,9 @@ def main():
         backend.keep_freed_memory()
         return server.serve(Membership.from_config("server", settings), host=settings.host,
                             rank=settings.rank, observe=settings.observe,
-                            metrics_dir=settings.metrics_dir)
+                            metrics_dir=settings.metrics_dir,
+                            replicas=settings.server_replicas,
+                            incarnation=settings.incarnation)
     except auth.KeysError as error:   # no keys, unreadable keys, or a libzmq without CURVE
         raise SystemExit(str(error)) from None
 

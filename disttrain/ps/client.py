@@ -1,6 +1,7 @@
 """The worker side of the parameter server (ps-lite's KVWorker): `KVStore` sends init /
 push / pull / pushpull for each key's chunks to all servers at once, blocking or via a `Handle`."""
 import itertools
+import sys
 import time
 from dataclasses import dataclass
 
@@ -23,6 +24,10 @@ class Entry:
     chunk: Chunk
     pieces: list       # (kind, start, array) each: "dense" slices, or "rows" / "values" pairs
     nbytes: int        # the chunk's size on the wire, to pack messages of ~MAX_CHUNK_BYTES
+
+
+def _say(text):
+    print(f"disttrain: {text}", file=sys.stderr, flush=True)
 
 
 class PSError(RuntimeError):
@@ -84,13 +89,21 @@ class KVStore:
                  max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, credentials=auth.FROM_ENV):
         self.rank, self.membership = rank, membership
         self.timeout = timeout if timeout is not None else config.from_env().timeout
-        identity = transport.new_identity(f"worker{rank}")
-        keys = membership.credentials if membership is not None else \
+        self._identity = transport.new_identity(f"worker{rank}")
+        self._keys = membership.credentials if membership is not None else \
             auth.resolve(credentials, "worker", rank)
-        self.connections = [transport.Connection(
-            transport.pick_address(server), identity, max_message_bytes,
-            keys and auth.ClientCurve(keys, auth.key_name("server", server_rank)))
-            for server_rank, server in enumerate(book["server"])]
+        self.max_message_bytes = max_message_bytes
+        self.servers = list(book["server"])   # the book entries connected to
+        self.connections = [self._connect(server_rank, server)
+                            for server_rank, server in enumerate(book["server"])]
+        # Every request until it is answered, (server, Message), to re-send it to a
+        # restarted server; and the membership's book version they were sent under.
+        self.unanswered = {}
+        self._book_version = getattr(membership, "book_version", 0)
+        # Called as (server, {(name, chunk): clock of its oldest unanswered request}) when a
+        # server was restarted, before anything is re-sent to it (DataParallel's rank 0
+        # re-inits a server that has no replica there).
+        self.on_server_restarted = None
         self.num_workers = len(book["worker"])
         self.specs = {}        # name -> (shape, dtype, sparse, chunks)
         self.frames = {}       # name -> [(chunk, [(start, stop) of each frame], bytes)]
@@ -102,6 +115,47 @@ class KVStore:
         self.ask_checkpoint = False     # pushes say "checkpoint after this clock" (preempted)
         self.checkpoint_clock = None    # the first such clock any worker asked for
         self.bytes_sent = self.bytes_received = 0   # payload bytes, for the metrics files
+
+    def _connect(self, server_rank, server):
+        return transport.Connection(
+            transport.pick_address(server), self._identity, self.max_message_bytes,
+            self._keys and auth.ClientCurve(self._keys, auth.key_name("server", server_rank)))
+
+    def _send_to(self, server, message):
+        self.unanswered[message.id] = (server, message)
+        self.connections[server].send(message)
+
+    def _follow_book(self):
+        """A server was restarted (a book notice): connect to its new address and re-send
+        every request it has not answered. Servers skip a push they already applied."""
+        self._book_version = self.membership.book_version
+        book = self.membership.book
+        for rank, entry in enumerate(book["server"]):
+            old = self.servers[rank]
+            if (entry.get("tcp"), entry.get("pid")) == (old.get("tcp"), old.get("pid")):
+                continue
+            if self._poller is not None:
+                self._poller.unregister(self.connections[rank].socket)
+            self.connections[rank].close()
+            if not old.get("ipc"):   # this store was told to use tcp (in-process tests)
+                entry = dict(entry, ipc="")
+            self.servers[rank] = entry
+            self.connections[rank] = self._connect(rank, entry)
+            if self._poller is not None:
+                self._poller.register(self.connections[rank].socket, zmq.POLLIN)
+            resent = [message for server, message in self.unanswered.values() if server == rank]
+            if self.on_server_restarted is not None:
+                clocks = {}
+                for message in resent:
+                    clock = message.meta.get("clock")   # an init or a request has none
+                    for pair in zip(message.keys, message.meta.get("chunks", ())):
+                        if type(clock) is int:
+                            clocks[pair] = min(clocks.get(pair, clock), clock)
+                self.on_server_restarted(rank, clocks)
+            for message in resent:
+                self.connections[rank].send(message)
+            _say(f"worker {self.rank}: server {rank} was restarted; re-sent its "
+                 f"{len(resent)} unanswered requests")
 
     # --- keys -------------------------------------------------------------------
     def declare(self, name, shape, dtype, sparse=False, average=False):
@@ -144,7 +198,7 @@ class KVStore:
                 payloads = pack_payloads(group)
                 self.bytes_sent += sum(payload.array.nbytes for payload in payloads)
                 message_meta = dict(meta, chunks=[entry.chunk.index for entry in group])
-                self.connections[server].send(Message(
+                self._send_to(server, Message(
                     op, request_id, self.sender, [entry.name for entry in group], payloads,
                     message_meta))
         return handle
@@ -236,6 +290,34 @@ class KVStore:
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
+    def reinit_server(self, server, arrays, versions, optimizer, mode, staleness,
+                      checkpoint=None):
+        """Give restarted `server` (no replica) these weights of its chunks, at `versions`
+        {(name, chunk): version}; its optimizer state comes from `checkpoint` (a step
+        directory) if given. One message, sent ahead of anything re-sent to it; an error
+        reply fails whichever wait is under way."""
+        entries = []
+        for name, array in arrays.items():
+            self._dense_entries(name, np.array(array, copy=True), entries)
+        entries = [entry for entry in entries if entry.chunk.server == server]
+        specs = []
+        for entry in entries:
+            shape, dtype, sparse, _ = self.specs[entry.name]
+            specs.append({"shape": list(shape), "dtype": dtype.name, "sparse": sparse,
+                          "average": entry.name in self.averaged})
+        request_id = next(self._ids)
+        self.handles[request_id] = _Reinit(self, f"re-init of restarted server {server}",
+                                           [request_id])
+        self._send_to(server, Message(
+            "init", request_id, self.sender, [entry.name for entry in entries],
+            [protocol.Payload(index, kind, start, array) for index, entry in enumerate(entries)
+             for kind, start, array in entry.pieces],
+            {"optimizer": optimizer, "mode": mode, "staleness": staleness, "specs": specs,
+             "chunks": [entry.chunk.index for entry in entries], "recover": True,
+             "recovery": mode == "sync",   # keep previous weights (helper worker-recovery's)
+             "versions": [versions[entry.name, entry.chunk.index] for entry in entries],
+             "checkpoint": checkpoint}))
+
     def _push_meta(self, clock, lr):
         meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
         if self.ask_checkpoint:
@@ -252,7 +334,7 @@ class KVStore:
             request_id = next(self._ids)
             handle.outstanding.add(request_id)
             self.handles[request_id] = handle
-            self.connections[server].send(Message(op, request_id, self.sender, [], [], meta))
+            self._send_to(server, Message(op, request_id, self.sender, [], [], meta))
         handle.replies = replies
         return handle
 
@@ -302,6 +384,9 @@ class KVStore:
     def _pump(self, timeout_ms):
         """Receive whatever replies have arrived (waiting up to timeout_ms for the first)
         and hand each to its Handle."""
+        if self.membership is not None and \
+                getattr(self.membership, "book_version", 0) != self._book_version:
+            self._follow_book()
         if self._poller is None:
             self._poller = zmq.Poller()
             for connection in self.connections:
@@ -312,6 +397,7 @@ class KVStore:
             reply = connection.receive_nowait() if connection.socket in ready else None
             if reply is not None:
                 self.bytes_received += sum(payload.array.nbytes for payload in reply.payloads)
+                self.unanswered.pop(reply.id, None)
                 handle = self.handles.pop(reply.id, None)
                 if handle is not None:
                     handle._answer(reply)
@@ -360,6 +446,15 @@ def _pack(entries):
         size += entry.nbytes
     if group:
         yield group
+
+
+class _Reinit(Handle):
+    """Nobody waits for a re-init: its refusal fails the wait under way when it arrives."""
+
+    def _answer(self, reply):
+        super()._answer(reply)
+        if self.errors:
+            raise PSError(f"{self.what} failed: " + "; ".join(self.errors))
 
 
 class _Group:

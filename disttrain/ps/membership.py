@@ -70,7 +70,6 @@ class Membership:
         self.book_version = 0     # +1 per book notice (a replacement took over a rank)
         self.replaced = None      # text of the scheduler's `replaced` answer, once it came
         # Scheduler restarts (recovery): see _follow_incarnation.
-        self.restart_timeout = restart_timeout
         self._registration = None          # what register() sent, sent again to rejoin
         self._scheduler_incarnation = None  # id of the scheduler whose book holds this node
         self._seen_incarnation = None       # the latest heartbeat reply's, before registering

@@ -10,7 +10,8 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import auth, group as groups, protocol, recovery, snapshot, transport
+from disttrain.ps import (auth, group as groups, protocol, rebuild, recovery, replica, snapshot,
+                           transport)
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -214,12 +215,20 @@ class ServerState:
         self.checkpoint_clock = None  # first clock a worker pushed asking for a checkpoint
         self.restored = None          # {"dir", "step"} of the checkpoint restored, if any
         self.keep_previous = False    # sync with recovery on: a replacement pulls version - 1
+        # For chain replication (ps/replica.py): the KeyChunks changed since it last looked
+        # (id -> chunk), and whether a sync push is answered only once its clock is applied.
+        self.updated = {}
+        self.hold_pushes = False
 
     # --- dispatch -------------------------------------------------------------
     def handle(self, route, message):
         try:
             if message.op == "init":
                 replies = [(route, self._init(message))]
+            elif message.op == "push" and self.hold_pushes and self.config and \
+                    self.config["mode"] == "sync":
+                self.waiting_pulls.append((route, message, self._push(message)))
+                replies = []
             elif message.op == "push":
                 self._push(message)
                 replies = [(route, Message("reply", message.id, self.sender))]
@@ -271,6 +280,7 @@ class ServerState:
                 return Message("reply", message.id, self.sender,
                                meta=snapshot.write_shard(self, directory, step))
             snapshot.restore_shard(self, directory, snapshot.read_manifest(directory))
+            self.updated.update((id(key), key) for key in self.keys.values())
         except snapshot.SnapshotError as error:
             raise RequestError(str(error)) from None
         self.restored = {"dir": directory, "step": step}
@@ -306,6 +316,7 @@ class ServerState:
         self.config = config
         self.keep_previous = meta.get("recovery") is True and config["mode"] == "sync"
         self.keys.update(new)
+        self.updated.update((id(key), key) for key in new.values())
         return Message("reply", message.id, self.sender)
 
     def _new_key(self, name, spec, index):
@@ -465,6 +476,8 @@ class ServerState:
         if not isinstance(lr, (int, float)) or isinstance(lr, bool):
             raise RequestError(f"push: lr {lr!r} must be a number")
         keys = keys or self._keys(message)
+        if keys and all(type(clock) is int and clock < key.pushes[rank] for key in keys):
+            return keys   # applied already: a request re-sent to a restarted server
         # Check the whole request before changing anything, so a bad push leaves no trace
         # (forming or dissolving a group moves data but changes no value).
         units = self._push_units(message, keys)
@@ -488,13 +501,14 @@ class ServerState:
                     recovery.keep_previous(target)
                 self._apply(target, target.pending.pop(target.version), lr, self.num_workers)
                 self._count_update(target, self.num_workers)
+        return keys
 
-    @staticmethod
-    def _count_update(target, contributions):
+    def _count_update(self, target, contributions):
         target.version += 1
         for key in target.members:
             key.version = target.version
             key.applied += contributions   # pushes summed into updates (ps/recovery.py)
+            self.updated[id(key)] = key   # for the replica (ps/replica.py)
 
     def _apply(self, target, accumulator, lr, divisor):
         """Run the optimizer rule on the target with the mean gradient of a clock (or of one
@@ -535,7 +549,7 @@ class ServerState:
 
     def _ready(self, message, keys):
         # A pushpull's pull half reads the weights of the clock after the one it pushed.
-        clock = message.meta["clock"] + (message.op == "pushpull")
+        clock = message.meta["clock"] + (message.op != "pull")
         mode = self.config["mode"]
         if mode == "sync":
             return all(key.version >= clock for key in keys)
@@ -559,6 +573,8 @@ class ServerState:
         # Sync replies may share the server's arrays (no copy): the next update of a chunk
         # needs every worker's next push, which each sends only after its pull arrived.
         # Async/ssp updates can come at any time, so they send a snapshot.
+        if message.op == "push":   # a held push (hold_pushes): its clock is applied now
+            return Message("reply", message.id, self.sender)
         snapshot = self.config["mode"] != "sync"
         requested = _by_key(message) if message.op == "pull" else None
         # An exact pull (a replacement worker) reads version == clock, maybe the kept one.
@@ -612,23 +628,36 @@ def _by_key(message):
 
 
 def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host=None,
-          rank=None, observe=frozenset(), metrics_dir=None):
+          rank=None, observe=frozenset(), metrics_dir=None, replicas=0, incarnation=0):
     """A server process's loop: register (asking for `rank`, the launcher's, if given, and
     advertising `host`, else the address on the route to the scheduler), then answer requests
     until the scheduler says shutdown (return 0) or reports a dead peer (return 1).
-    `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields)."""
+    `observe` and `metrics_dir` go to the ServerObserver (config.Config's fields).
+    replicas=1: chain replication (ps/replica.py); incarnation > 0 (a restarted server): the
+    shard is rebuilt first, from the replica or from the workers (ps/rebuild.py)."""
+    restarted = incarnation > 0
     host = host or transport.advertised_host(membership.scheduler_address[len("tcp://"):])
     keys = membership.credentials
+    # With replicas the other servers' keys get in too, for the replica ops only (below).
     listener = transport.Listener(host, max_message_bytes, security=keys and auth.ServerCurve(
-        keys, ("worker",), f"server {keys.rank}"))
+        keys, ("worker", "server") if replicas else ("worker",), f"server {keys.rank}"))
     rejections = protocol.RejectionLog("server")
-    observer = state = None
+    observer = state = replication = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=rank)
         if listener.security is not None:   # who is who among this host's ipc peers
             listener.security.learn_local_peers(book, transport.host_identity())
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
+        if replicas and state.num_servers < 2:
+            print("disttrain: --server-replicas 1 needs 2 or more servers; a lone server keeps "
+                  "no replica", file=sys.stderr, flush=True)
+            replicas = 0
+        replication = _start_replication(state, listener, membership, book, max_message_bytes,
+                                         replicas, incarnation)
+        receive = replication.receive if replication is not None else listener.receive
+        # Without a replica, a restarted server waits for worker 0's weights (ps/rebuild.py).
+        awaiting = rebuild.AwaitWeights(state) if restarted and not replicas else None
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
         book_version = membership.book_version
@@ -641,7 +670,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                 if listener.security is not None:
                     listener.security.learn_local_peers(membership.book, transport.host_identity())
             try:
-                received = newcomers.next(listener.security) or listener.receive(100)
+                received = newcomers.next(listener.security) or receive(100)
             except protocol.ProtocolError as error:
                 rejections.say(str(error))
                 listener.send(error.identity, protocol.error_reply(
@@ -652,17 +681,30 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                 continue
             identity, message = received
             started = time.perf_counter()
-            refusal = auth.worker_refusal(message)
-            if refusal and newcomers.hold(identity, message):
-                continue
-            try:
-                replies = [(identity, protocol.error_reply(message.id, state.sender, refusal))] \
-                    if refusal else state.handle(identity, message)
-            except Exception as error:  # a bug must not take the job down silently
-                traceback.print_exc()
-                replies = [(identity, protocol.error_reply(
-                    message.id, state.sender, f"internal error: {type(error).__name__}: {error}"))]
-            observer.handled(message, replies, started)
+            if replication is not None and message.op in replica.OPS:
+                # Never held: a chain's acknowledgements must not wait on the chain.
+                replies = [(identity, replication.holder.handle(message))]
+                observer.handled(message, replies, started)
+            else:
+                refusal = auth.worker_refusal(message)
+                if refusal and newcomers.hold(identity, message):
+                    continue
+                try:
+                    if refusal:
+                        replies = [(identity, protocol.error_reply(message.id, state.sender,
+                                                                   refusal))]
+                    elif awaiting is not None and not awaiting.done:
+                        replies = awaiting.handle(identity, message)
+                    else:
+                        replies = state.handle(identity, message)
+                except Exception as error:  # a bug must not take the job down silently
+                    traceback.print_exc()
+                    replies = [(identity, protocol.error_reply(
+                        message.id, state.sender,
+                        f"internal error: {type(error).__name__}: {error}"))]
+                observer.handled(message, replies, started)
+                if replication is not None:
+                    replies = replication.after(replies)
             for route, reply in replies:
                 if reply.op == "error":
                     rejections.say(reply.meta["error"])
@@ -673,5 +715,19 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             recovery.say_counts(state)
         if observer is not None:
             observer.close()
+        if replication is not None:
+            replication.close()
         listener.close()
         membership.close()
+
+
+def _start_replication(state, listener, membership, book, max_message_bytes, replicas,
+                       incarnation):
+    """A restarted server's shard back from its replica, and this server's part in the
+    chain (None without replicas)."""
+    if incarnation and replicas:
+        replica.fetch_shard(state, book, membership, max_message_bytes)
+    if not replicas:
+        return None
+    return replica.Replication(state, listener, membership, book, max_message_bytes,
+                               incarnation)

@@ -81,10 +81,12 @@ def write_shard(server, directory, step):
 
 
 # --- restoring ----------------------------------------------------------------------
-def restore_shard(server, directory, manifest):
+def restore_shard(server, directory, manifest, weights=True):
     """Overwrite every chunk this server holds with its rows from the checkpoint in
     DIRECTORY (any number of servers wrote it: each chunk is re-cut from the old chunks its
-    rows overlap). Every file read is checked against the manifest's size and sha256."""
+    rows overlap). Every file read is checked against the manifest's size and sha256.
+    weights=False restores the optimizer state only (a server restarted without a replica
+    has newer weights from the workers)."""
     directory = Path(directory)
     layout = manifest.get("layout") or {}
     files = {entry["file"]: entry for entry in manifest.get("files", [])}
@@ -113,7 +115,7 @@ def restore_shard(server, directory, manifest):
     # Only once every chunk was read: a failed restore leaves the server as it was.
     for (name, index), (step_count, arrays, param) in restored.items():
         key = server.keys[name, index]
-        _install(key, step_count, arrays, param)
+        install_chunk(key, step_count, arrays, param if weights else key.param)
 
 
 def _rebuild_chunk(key, old_chunks, shard):
@@ -172,7 +174,7 @@ def _join_steps(key, steps):
     return steps[0]
 
 
-def _install(key, step_count, arrays, param):
+def install_chunk(key, step_count, arrays, param):
     """Put restored values where the server's update code expects them."""
     if key.group is None and param.flags.writeable and param.flags.c_contiguous:
         key.param = param   # the file's buffer becomes the server's array: no copy

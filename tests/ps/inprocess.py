@@ -13,13 +13,14 @@ TIMEOUT = 60
 
 
 @contextmanager
-def job(num_workers, num_servers, insecure=False):
+def job(num_workers, num_servers, insecure=False, replicas=0):
     """Scheduler and servers on threads; yields connect(), which registers all workers
     at once (registration waits for everyone) and returns their (membership, store) in
     rank order. Everything is shut down on exit. Every socket speaks CURVE with the job's
     own keys, as in a launched job; connect.keys is their directory (for DISTTRAIN_KEYS).
     insecure=True: no CURVE (DISTTRAIN_INSECURE=1), for several DataParallel workers in
-    one process, which cannot each find their own rank's key in one environment."""
+    one process, which cannot each find their own rank's key in one environment.
+    replicas=1: the servers replicate their shards (ps/replica.py)."""
     address = f"127.0.0.1:{free_port()}"
     keys = os.path.join(tempfile.mkdtemp(prefix="disttrain-test-"), "keys")
     auth.make_key_directory(keys, num_workers, num_servers)
@@ -33,7 +34,7 @@ def job(num_workers, num_servers, insecure=False):
     threads += [threading.Thread(target=server.serve, daemon=True, kwargs=dict(
         membership=Membership("server", address, 30, TIMEOUT,
                               credentials=credentials("server", rank)),
-        host="127.0.0.1"))
+        host="127.0.0.1", replicas=replicas))
         for rank in range(num_servers)]
     for thread in threads:
         thread.start()
