@@ -58,6 +58,13 @@ class BufferAverage:
                                                      self.rounds, lr=0.0))
             self.rounds += 1
 
+    def recover(self, clock, exact):
+        """A replacement worker continuing at `clock`: the average every worker holds there."""
+        if self.active:
+            self.rounds = clock
+            self.store.pull({KEY: self.average}, clock, exact=exact)
+            self.receive()
+
     def receive(self):
         """Write the servers' average into the buffers (after the handle from send is done)."""
         if not self.active:

@@ -1,5 +1,6 @@
 """DataParallel: the one object a worker program wraps its model and optimizer with. Alone it
 trains locally; with DISTTRAIN_ROLE=worker it trains through the parameter server."""
+import sys
 import time
 
 import numpy as np
@@ -99,6 +100,8 @@ class DataParallel:
             raise RuntimeError(f"DataParallel runs in worker programs, but "
                                f"DISTTRAIN_ROLE={settings.role!r}")
         self.is_distributed = settings.role == "worker"
+        # A replacement of a dead worker (ps-lite's is_recovery): the clock it resumed at.
+        self.recovered_clock = None
         self._closed = False
         self.timer = StepTimer()   # the time split of each step (disttrain.observe.steps)
         if self.is_distributed:
@@ -125,17 +128,25 @@ class DataParallel:
             for name, p in self._params.items():
                 self._store.declare(name, p.data.shape, p.data.dtype, sparse=name in self._sparse)
             self._averaged = BufferAverage(self.model, self._store)   # BatchNorm statistics
-            if self.rank == 0:
+            # A replacement joins a running job: the servers hold everything, and the other
+            # workers are past the start barrier, waiting in the clock it must redo.
+            replacing = self._membership.recovery
+            if self.rank == 0 and not replacing:
                 self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                   **self._averaged.initial()},
                                  self.optimizer.config(), self.mode, self.staleness,
-                                 {"metrics_dir": self.metrics_dir} if self.metrics_dir else None)
+                                 {"metrics_dir": self.metrics_dir} if self.metrics_dir else None,
+                                 recovery=settings.recovery and self.mode == "sync")
                 if self.checkpoints is not None:   # servers load a checkpoint, if there is one
                     self.checkpoints.restore_servers(self)
-            self._membership.barrier("worker")
+            if not replacing:
+                self._membership.barrier("worker")
             if self.checkpoints is not None:
                 self.checkpoints.learn_restored(self)
-            self._pull(list(self._params))   # every worker starts from rank 0's
+            if replacing:
+                self._recover()
+            else:
+                self._pull(list(self._params))   # every worker starts from rank 0's
         except BaseException:
             self._membership.close()
             raise
@@ -145,6 +156,19 @@ class DataParallel:
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
         self._row_pulls = [module.register_forward_pre_hook(self._rows_puller(name))
                            for name, module in self._sparse.items()]
+
+    def _recover(self):
+        """A replacement worker: continue at clock c, the first its predecessor did not push
+        to every key (servers' `recover`), from the weights of version c (an exact pull, sync;
+        async / ssp: the current ones). Its pushes of c that reached a server are skipped there."""
+        handle = self._store.request("recover", {"rank": self.rank})
+        handle.wait()
+        clocks = [reply["clock"] for reply in handle.replies.values() if reply["clock"] is not None]
+        self.clock = self.recovered_clock = min(clocks, default=0)
+        self._pull(list(self._params))
+        self._averaged.recover(self.clock, exact=self.mode == "sync")
+        print(f"disttrain: worker {self.rank} recovered: a replacement, resuming at clock "
+              f"{self.clock}", file=sys.stderr, flush=True)
 
     def _sparse_modules(self):
         """{weight key: module} of the layers that produce row-sparse gradients."""
@@ -187,7 +211,9 @@ class DataParallel:
     def _pull(self, names, rows=None):
         """Pull into the parameters' arrays in place (through a host copy on a GPU)."""
         outs = {name: _pull_target(self._params[name].data) for name in names}
-        waited = self.timer.wait_for([self._store.pull_async(outs, self.clock, rows)])
+        # A replacement redoing its first clock reads that clock's weights, not the next.
+        exact = self.clock == self.recovered_clock and self.mode == "sync"
+        waited = self.timer.wait_for([self._store.pull_async(outs, self.clock, rows, exact)])
         self._store_pulled(outs)
         self.timer.add("apply", waited, time.perf_counter())
 

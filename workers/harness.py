@@ -228,9 +228,50 @@ def checkpoints(args):
     return saved
 
 
-def resume(saved, trainer, model, optimizer, schedule=None):
-    """Where to start: {"step", "epoch", "start"} of the checkpoint resumed (None: afresh)."""
-    return saved.resume(trainer, model, optimizer, schedule) if saved is not None else None
+def resume(saved, trainer, model, optimizer, schedule=None, loader=None):
+    """Where to start: {"step", "epoch", "start"} of the checkpoint resumed (None: afresh).
+
+    A replacement of a dead worker (trainer.recovered_clock = c) starts c steps after the
+    start of this launch (the checkpoint the job resumed from, else step 0): at the data
+    position of that step in `loader` (the DataLoader that Batches deals from; programs whose
+    data depends on the step alone leave it out) and with `schedule` stepped c times, so it
+    sees exactly the samples its predecessor would have. The library RNG is not recovered:
+    it starts from the seed (or the checkpoint's state) again."""
+    position = saved.resume(trainer, model, optimizer, schedule) if saved is not None else None
+    clock = getattr(trainer, "recovered_clock", None)
+    if clock is None:
+        return position
+    position = position or {"step": 0, "epoch": 0, "start": 0}
+    if loader is not None:
+        position = advance(loader, position, clock)
+    else:
+        position = dict(position, step=position["step"] + clock)
+    if schedule is not None:   # where the rate of step `position["step"]` is
+        for _ in range(clock):
+            schedule.step()
+    print(f"disttrain: worker {trainer.rank} continues at step {position['step']} "
+          f"(epoch {position['epoch']}, sample {position['start']} of it)", file=sys.stderr,
+          flush=True)
+    return position
+
+
+def advance(loader, position, steps):
+    """`position` ({"step", "epoch", "start"}) moved on by `steps` steps of `loader`, as
+    Batches would deal them."""
+    epoch, start = position["epoch"], position["start"]
+    per_batch = loader.batch_size * loader.num_shards
+    left_steps = steps
+    while left_steps:
+        left = len(loader.shard_indices(epoch, start))
+        count = left // loader.batch_size if loader.drop_last else -(-left // loader.batch_size)
+        if count == 0 and start == 0:
+            raise ValueError(f"an epoch of {len(loader.dataset)} samples holds no batch")
+        if left_steps < count:
+            start += left_steps * per_batch
+            break
+        left_steps -= count
+        epoch, start = epoch + 1, 0
+    return {"step": position["step"] + steps, "epoch": epoch, "start": start}
 
 
 def after_step(saved, step, batches, model, optimizer, schedule=None, last=None):

@@ -47,7 +47,7 @@ def main(argv=None):
                             num_shards=trainer.num_workers, shard_index=trainer.rank)
         # SGD with a constant rate hovers around the optimum; decaying it lands on the fit.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule, loader)
         first = position["step"] if position else 0
         last = harness.total_steps(loader, args)
         batches = harness.Batches(loader, first, last, position)

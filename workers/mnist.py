@@ -142,7 +142,7 @@ def main(argv=None):
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
-        position = harness.resume(saved, trainer, model, optimizer, schedule)
+        position = harness.resume(saved, trainer, model, optimizer, schedule, loader)
         first = position["step"] if position else 0
         batches = harness.Batches(loader, first, last, position)
         monitor = harness.Monitor(args, trainer, last, f"{args.model} rank {trainer.rank}")

@@ -55,7 +55,8 @@ def main():
                 return scheduler.Scheduler(address, num_workers, num_servers,
                                            heartbeat_timeout=settings.heartbeat_timeout,
                                            timeout=settings.timeout,
-                                           credentials=credentials).run()
+                                           credentials=credentials,
+                                           restart_timeout=settings.restart_timeout).run()
             finally:
                 auth.stop_authenticator()   # its ZAP socket would keep term() waiting
                 transport.context().term()  # waits for the lingering dead / shutdown notices

@@ -216,8 +216,10 @@ class KVStore:
         return on_reply
 
     # --- the API ----------------------------------------------------------------
-    def init_async(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
-        """observe: {"metrics_dir": DIR} tells the servers where to write their metrics."""
+    def init_async(self, arrays, optimizer, mode="sync", staleness=0, observe=None,
+                   recovery=False):
+        """observe: {"metrics_dir": DIR} tells the servers where to write their metrics.
+        recovery: the servers keep each key's previous weights (sync), for exact pulls."""
         entries = []
         for name, array in arrays.items():
             self._dense_entries(name, np.asarray(array), entries)
@@ -229,6 +231,8 @@ class KVStore:
                                "average": entry.name in self.averaged}]}
             if observe:
                 meta["observe"] = observe
+            if recovery:
+                meta["recovery"] = True
             handles.append(self._send("init", "init", [entry], meta))
         return _Group(handles)
 
@@ -257,10 +261,12 @@ class KVStore:
         meta = self._push_meta(clock, lr)
         return self._send("push", f"push of clock {clock}", self._grad_entries(grads), meta)
 
-    def pull_async(self, outs, clock, rows=None):
+    def pull_async(self, outs, clock, rows=None, exact=False):
         """outs: {name: array} written in place; rows: {name: row indices} pulls only those
         rows of a key (each written at its own index of the array, so their order is free). `clock` is this worker's clock: in sync mode the
-        reply waits until every worker's pushes of earlier clocks were applied."""
+        reply waits until every worker's pushes of earlier clocks were applied. exact=True
+        (a replacement worker, sync): the weights of version `clock` even where a key is
+        one version further (the servers' kept previous weights)."""
         rows = rows or {}   # any order, repeats allowed: _sorted_rows puts them in order
         entries = []
         for name in outs:
@@ -269,6 +275,8 @@ class KVStore:
             else:
                 self._empty_entries(name, entries)
         meta = {"clock": int(clock), "rank": self.rank}
+        if exact:
+            meta["exact"] = True
         return self._send("pull", f"pull at clock {clock}", entries, meta, self._pull_into(outs))
 
     def pushpull_async(self, grads, outs, clock, lr):
@@ -278,14 +286,14 @@ class KVStore:
         return self._send("pushpull", f"pushpull of clock {clock}", self._grad_entries(grads),
                           meta, self._pull_into(outs))
 
-    def init(self, arrays, optimizer, mode="sync", staleness=0, observe=None):
-        self.init_async(arrays, optimizer, mode, staleness, observe).wait()
+    def init(self, arrays, optimizer, mode="sync", staleness=0, observe=None, recovery=False):
+        self.init_async(arrays, optimizer, mode, staleness, observe, recovery).wait()
 
     def push(self, grads, clock, lr):
         self.push_async(grads, clock, lr).wait()
 
-    def pull(self, outs, clock, rows=None):
-        self.pull_async(outs, clock, rows).wait()
+    def pull(self, outs, clock, rows=None, exact=False):
+        self.pull_async(outs, clock, rows, exact).wait()
 
     def pushpull(self, grads, outs, clock, lr):
         self.pushpull_async(grads, outs, clock, lr).wait()

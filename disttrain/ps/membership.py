@@ -32,7 +32,7 @@ class Membership:
     socket (zmq sockets are never shared between threads)."""
 
     def __init__(self, role, scheduler_address, heartbeat_timeout=10.0, timeout=300.0,
-                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None):
+                 exit_on_dead=False, credentials=auth.FROM_ENV, rank=None, restart_timeout=None):
         self.role, self.timeout = role, timeout
         # Keys are per rank, so a keyed process knows its rank before it registers.
         self.credentials = auth.resolve(credentials, role, rank)
@@ -50,12 +50,19 @@ class Membership:
                                               security=self._scheduler_key)
         self._beats = None
         self.clock = ClockOffset()   # the scheduler's clock minus ours, from heartbeats
+        # Recovery (config.Config.restart_timeout set): a dead process is replaced.
+        self.restart_timeout = restart_timeout
+        self.recovery = False     # our register was answered as the replacement of our rank
+        self.book = None          # the current public address book
+        self.book_version = 0     # +1 per book notice (a replacement took over a rank)
+        self.replaced = None      # text of the scheduler's `replaced` answer, once it came
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
         """The Membership a job process's config.Config describes: its rank (the launcher's)
         and its keys (or none, insecure)."""
         kwargs.setdefault("rank", settings.rank)
+        kwargs.setdefault("restart_timeout", settings.restart_timeout)
         if "credentials" not in kwargs:
             kwargs["credentials"] = auth.credentials_from_config(settings, role, kwargs["rank"])
         return cls(role, settings.required("scheduler"),
@@ -87,6 +94,8 @@ class Membership:
                               role=self.role, rank=rank, tcp=tcp, ipc=ipc,
                               hostname=hostname, netns=netns, pid=os.getpid())
         self.rank = reply.meta["rank"]
+        self.recovery = reply.meta.get("recovery") is True
+        self.book = reply.meta["book"]
         return reply.meta["book"]
 
     def barrier(self, group="worker"):
@@ -124,11 +133,35 @@ class Membership:
                     if notice.op == "shutdown":
                         self.shutdown.set()
                         return
+                    if self._recovery_notice(notice):
+                        return
                 silent = time.monotonic() - last_answer
                 if silent > self.heartbeat_timeout and not self._stop.is_set():
                     return self._peer_died(f"dead: scheduler (no heartbeat for {silent:.1f} s)")
         finally:
             connection.close()
+
+    def _recovery_notice(self, notice):
+        """A book notice (a replacement took over a rank: its new addresses), or the
+        scheduler's answer that this node itself was replaced (it was frozen or cut off long
+        enough to be given up: a replacement now holds its rank, so it must go). True: stop
+        beating."""
+        if notice.op == "book" and isinstance(notice.meta.get("book"), dict):
+            self.book = notice.meta["book"]
+            self.book_version += 1
+            _say(f"{notice.meta.get('role')} {notice.meta.get('rank')} was replaced; "
+                 f"{self.role} {self.rank} carries on")
+        elif notice.op == "error" and str(notice.meta.get("error", "")).startswith("replaced"):
+            self.replaced = f"{self.role} {self.rank}: {notice.meta['error']}"
+            _say(self.replaced)
+            self.dead = self.replaced
+            if self.exit_when_replaced:
+                os._exit(1)
+            return True
+        return False
+
+    # A replaced process ends at once; tests running nodes on threads switch it off.
+    exit_when_replaced = True
 
     def _peer_died(self, text):
         _say(text)

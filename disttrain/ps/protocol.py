@@ -24,9 +24,10 @@ import numpy as np
 VERSION = 1
 
 # Requests answered by servers, requests answered by the scheduler, and notifications.
-SERVER_OPS = ("init", "push", "pull", "pushpull", "checkpoint", "restore", "restored")
+SERVER_OPS = ("init", "push", "pull", "pushpull", "checkpoint", "restore", "restored",
+              "recover", "stats")   # ps/recovery.py
 SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye")
-NOTICE_OPS = ("reply", "error", "dead", "shutdown")
+NOTICE_OPS = ("reply", "error", "dead", "shutdown", "book")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS
 
 # Consistency modes a job's servers run in (init's meta "mode").

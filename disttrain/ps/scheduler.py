@@ -4,11 +4,13 @@ node side of that."""
 import sys
 import time
 
+from disttrain.observe import channel
 from disttrain.ps import auth, protocol, transport
 from disttrain.ps.membership import heartbeat_identity
 from disttrain.ps.protocol import Message
 
 ROLES = ("server", "worker")
+PUBLIC = ("rank", "tcp", "ipc", "hostname", "netns", "pid")   # a node's address-book entry
 
 
 def _say(text):
@@ -19,7 +21,7 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0, credentials=auth.FROM_ENV):
+                 timeout=300.0, credentials=auth.FROM_ENV, restart_timeout=None):
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
         credentials = auth.resolve(credentials, "scheduler")
@@ -38,11 +40,18 @@ class Scheduler:
         self.heard = set()       # node ids whose heartbeat socket has spoken: notices reach them
         self.closing_since = None   # when every worker had said goodbye
         self.started = time.monotonic()
+        # Recovery (config.Config.restart_timeout set): a silent node is reported
+        # unresponsive and given restart_timeout s to be replaced before it is named dead.
+        self.restart_timeout = restart_timeout
+        self.unresponsive = {}   # node id -> when it was reported unresponsive
+        self.replaced = set()    # node ids a replacement took over: their beats get `replaced`
 
     # --- requests -------------------------------------------------------------
     def handle(self, identity, message):
         if message.op == "register":
             return self._register(identity, message)
+        if message.meta.get("node") in self.replaced:
+            return self._refuse_replaced(identity, message)
         node = self.nodes.get(message.meta.get("node"))
         if message.op == "heartbeat":
             self.heard.add(message.meta.get("node"))
@@ -58,6 +67,7 @@ class Scheduler:
             return self._error(identity, message, f"{message.op} for {node['role']} node "
                                                   f"{message.meta['node']!r} from {message.peer}")
         node["last_seen"] = time.monotonic()
+        self.unresponsive.pop(message.meta["node"], None)   # it speaks again
         if message.op == "heartbeat":
             self.listener.send(identity, _heartbeat_reply(message))
         elif message.op == "barrier":
@@ -79,7 +89,7 @@ class Scheduler:
             return self._error(identity, message, f"register needs role in {ROLES} and a node "
                                                   f"id, got role={role!r} node={node_id!r}")
         if self.book is not None:
-            return self._error(identity, message, f"{role} registered after the job started")
+            return self._register_replacement(identity, message)
         refusal = auth.registration_refusal(message)
         if refusal:
             return self._error(identity, message, refusal)
@@ -89,6 +99,7 @@ class Scheduler:
                                           and 0 <= requested < self.size[role]):
             return self._error(identity, message, f"{role} asked for rank {requested!r}, "
                                                   f"valid ranks are 0..{self.size[role] - 1}")
+        self._forget_predecessor(role, requested)
         taken = [n for n in self.nodes.values() if n["role"] == role]
         if requested is not None and any(n.get("rank") == requested for n in taken):
             return self._error(identity, message, f"{role} rank {requested} registered twice")
@@ -114,8 +125,8 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in ("rank", "tcp", "ipc", "hostname", "netns", "pid")}
-                         for n in nodes] for role, nodes in book.items()}
+        public = {role: [{k: n[k] for k in PUBLIC} for n in nodes]
+                  for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:
             node = self.nodes[message.meta["node"]]
@@ -134,6 +145,87 @@ class Scheduler:
             for waiter, request_id in waiting:
                 self.listener.send(waiter, Message("reply", request_id, "scheduler"))
             self.barriers[group] = []
+
+    # --- recovery: a replacement takes over a dead node's rank ---------------------
+    def _register_replacement(self, identity, message):
+        """A register once the book is out: with recovery on, the replacement of the node
+        holding that role and rank (the key's rank, else meta rank). It gets the node's
+        place in the book, the answer {"rank", "book", "recovery": True}, and every other
+        node a `book` notice; the node it replaces is forgotten (its beats get `replaced`)."""
+        meta = message.meta
+        role, node_id = meta["role"], meta["node"]
+        if self.restart_timeout is None:
+            return self._error(identity, message, f"{role} registered after the job started")
+        refusal = auth.registration_refusal(message)
+        if refusal:
+            return self._error(identity, message, refusal)
+        rank = auth.parse_key_name(message.peer)[1] if message.peer else meta.get("rank")
+        if not (type(rank) is int and 0 <= rank < self.size[role]):
+            return self._error(identity, message, f"a replacement {role} must give its rank, "
+                                                  f"one of 0..{self.size[role] - 1}, got "
+                                                  f"{rank!r}")
+        if node_id in self.nodes or node_id in self.replaced:
+            return self._error(identity, message, f"node id {node_id!r} registered twice")
+        old_id = next(i for i, n in self.nodes.items() if n["role"] == role and n["rank"] == rank)
+        if old_id in self.said_goodbye:
+            return self._error(identity, message, f"{role} {rank} already finished; there is "
+                                                  f"nothing to replace")
+        old = self.nodes.pop(old_id)
+        self.replaced.add(old_id)
+        self.unresponsive.pop(old_id, None)
+        self.heard.discard(old_id)
+        node = self.nodes[node_id] = dict(meta, rank=rank, peer=message.peer,
+                                          last_seen=time.monotonic())
+        self.book[role][rank] = {k: node[k] for k in PUBLIC}
+        _say(f"{role} {rank} recovered: a replacement (pid {node.get('pid')}) took over from "
+             f"pid {old.get('pid')}")
+        self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
+            "rank": rank, "book": self.book, "recovery": True}))
+        for other in self.nodes:
+            if other != node_id:
+                self.listener.send(heartbeat_identity(other), Message(
+                    "book", 0, "scheduler", meta={"book": self.book, "role": role, "rank": rank}))
+
+    def _forget_predecessor(self, role, rank):
+        """Before the book is out, with recovery on: a register for a rank already taken
+        comes from the replacement of a process that died while the job started (a launcher
+        starts one only after the death), which takes its place in the registration."""
+        if self.restart_timeout is None or rank is None:
+            return
+        for node_id, node in list(self.nodes.items()):
+            if node["role"] == role and node.get("rank") == rank:
+                del self.nodes[node_id]
+                self.unresponsive.pop(node_id, None)
+                self.replaced.add(node_id)
+                self.pending = [(i, m) for i, m in self.pending if m.meta["node"] != node_id]
+                _say(f"{role} {rank} registers again (a replacement, before the job started)")
+
+    def _refuse_replaced(self, identity, message):
+        """A node that a replacement took over speaks again (it was frozen): it must go."""
+        self.listener.send(identity, protocol.error_reply(
+            message.id, "scheduler", f"replaced: node {message.meta['node']} was given up and "
+                                     f"a replacement holds its rank now"))
+
+    def _given_up(self):
+        """With recovery on, what dead_node is without: the first node silent for longer
+        than the heartbeat timeout is reported unresponsive (once; the launcher then kills
+        and restarts it) and named dead only if no replacement came within restart_timeout."""
+        now = time.monotonic()
+        for node_id, node in self.nodes.items():
+            silent = now - node["last_seen"]
+            if node_id in self.said_goodbye or silent <= self.heartbeat_timeout:
+                continue
+            if node_id not in self.unresponsive:
+                self.unresponsive[node_id] = now
+                rank = "?" if node.get("rank") is None else node["rank"]
+                why = f"no heartbeat for {silent:.1f} s"
+                _say(f"unresponsive: {node['role']} {rank} ({why}); waiting up to "
+                     f"{self.restart_timeout:g} s for its replacement")
+                channel.send("unresponsive", {"role": node["role"], "rank": node.get("rank"),
+                                              "why": why})
+            elif now - self.unresponsive[node_id] > self.restart_timeout:
+                return node, silent
+        return None, 0.0
 
     # --- liveness -------------------------------------------------------------
     def dead_node(self):
@@ -172,7 +264,8 @@ class Scheduler:
                     _say(f"scheduler: only {len(self.nodes)} of {sum(self.size.values())} "
                          f"processes registered within {self.timeout:g} s")
                     return 1
-                node, silent = self.dead_node()
+                node, silent = self.dead_node() if self.restart_timeout is None else \
+                    self._given_up()
                 if node is not None:
                     rank = "?" if node.get("rank") is None else node["rank"]
                     text = f"dead: {node['role']} {rank} (no heartbeat for {silent:.1f} s)"

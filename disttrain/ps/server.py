@@ -10,7 +10,7 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import auth, group as groups, protocol, snapshot, transport
+from disttrain.ps import auth, group as groups, protocol, recovery, snapshot, transport
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -37,6 +37,8 @@ class KeyChunk:
     group: "groups.Group" = None            # while set, `param` is a view into group.param
     # and the optimizer state and pending gradients live in the group
     average: bool = False                   # pushes are values to average, not gradients
+    applied: int = 0                        # pushes summed into applied updates (ps/recovery.py)
+    previous: np.ndarray = None             # weights of version - 1 (sync with recovery on)
 
     @property
     def members(self):
@@ -211,6 +213,7 @@ class ServerState:
         self.sender = f"server-{rank}"
         self.checkpoint_clock = None  # first clock a worker pushed asking for a checkpoint
         self.restored = None          # {"dir", "step"} of the checkpoint restored, if any
+        self.keep_previous = False    # sync with recovery on: a replacement pulls version - 1
 
     # --- dispatch -------------------------------------------------------------
     def handle(self, route, message):
@@ -228,6 +231,10 @@ class ServerState:
                 replies = []
             elif message.op in ("checkpoint", "restore", "restored"):
                 replies = [(route, self._snapshot(message))]
+            elif message.op == "recover":   # a replacement worker: where its predecessor was
+                replies = [(route, recovery.recover_reply(self, message, self._worker_rank(message)))]
+            elif message.op == "stats":
+                replies = [(route, recovery.stats_reply(self, message))]
             else:
                 raise RequestError(f"a server does not serve op {message.op!r}")
         except RequestError as error:
@@ -297,6 +304,7 @@ class ServerState:
             new[name, chunk] = self._new_key(name, spec, chunk)
             self._copy_dense(new[name, chunk], payloads[index], "init")
         self.config = config
+        self.keep_previous = meta.get("recovery") is True and config["mode"] == "sync"
         self.keys.update(new)
         return Message("reply", message.id, self.sender)
 
@@ -460,10 +468,8 @@ class ServerState:
         # Check the whole request before changing anything, so a bad push leaves no trace
         # (forming or dissolving a group moves data but changes no value).
         units = self._push_units(message, keys)
-        for key in keys:
-            if clock != key.pushes[rank]:
-                raise RequestError(f"push: worker {rank} sent clock {clock!r} for key "
-                                   f"{key.name!r}, expected clock {key.pushes[rank]}")
+        # A chunk that already has this (worker, clock) push skips it (ps/recovery.py).
+        units = recovery.fresh_units(units, recovery.replayed(keys, rank, clock))
         sync = self.config["mode"] == "sync"
         for target, gradient in units:
             for key in target.members:
@@ -474,15 +480,18 @@ class ServerState:
             accumulator.add(gradient)
             if not sync:
                 self._apply(target, accumulator, lr, 1)
-                self._count_update(target)
+                self._count_update(target, 1)
             # Clocks are applied in order, each once all N workers pushed it.
             while sync and target.pending.get(target.version) and \
                     target.pending[target.version].count == self.num_workers:
+                if self.keep_previous:
+                    recovery.keep_previous(target)
                 self._apply(target, target.pending.pop(target.version), lr, self.num_workers)
-                self._count_update(target)
+                self._count_update(target, self.num_workers)
 
     @staticmethod
-    def _count_update(target):
+    def _count_update(target, contributions):
+        recovery.count_applied(target, contributions)
         target.version += 1
         for key in target.members:
             key.version = target.version
@@ -520,6 +529,8 @@ class ServerState:
         if message.op == "pull":
             for key, payloads in zip(keys, _by_key(message)):
                 self._row_pairs(key, payloads, "pull", with_values=False)
+            if message.meta.get("exact") is True:
+                recovery.check_exact(self, keys, message.meta["clock"])
         return keys
 
     def _ready(self, message, keys):
@@ -550,28 +561,34 @@ class ServerState:
         # Async/ssp updates can come at any time, so they send a snapshot.
         snapshot = self.config["mode"] != "sync"
         requested = _by_key(message) if message.op == "pull" else None
+        # An exact pull (a replacement worker) reads version == clock, maybe the kept one.
+        exact = message.op == "pull" and message.meta.get("exact") is True
         payloads = []
         index = 0
         while index < len(keys):
             key = keys[index]
             rows = [p.array for p in requested[index] if p.kind == "rows"] if requested else []
             # The whole group asked for in packed order (a bucket): answer in one frame.
-            packed, answered = (None, 0) if rows else groups.packed_reply(index, keys, snapshot)
+            packed, answered = (None, 0) if rows or exact else \
+                groups.packed_reply(index, keys, snapshot)
             if packed is not None:
                 payloads.append(packed)
                 index += answered
             else:
-                payloads += _key_reply(index, key, rows, snapshot)
+                weights = recovery.exact_weights(key, message.meta["clock"]) if exact else None
+                payloads += _key_reply(index, key, rows, snapshot, weights)
                 index += 1
         return Message("reply", message.id, self.sender, message.keys, payloads,
                        meta={"versions": [key.version for key in keys]})
 
 
-def _key_reply(index, key, rows, snapshot):
-    """The payloads answering a pull of one chunk: the asked-for rows, or all of it."""
+def _key_reply(index, key, rows, snapshot, weights=None):
+    """The payloads answering a pull of one chunk: the asked-for rows, or all of it (of
+    `weights`, default the chunk's current ones)."""
+    weights = key.param if weights is None else weights
     if rows:
         local = np.concatenate(rows) - key.chunk.row_start
-        values = key.param[local]
+        values = weights[local]
         global_rows = local + key.chunk.row_start
         rows_per_frame = max(1, protocol.FRAME_BYTES // max(1, values[:1].nbytes))
         payloads = []
@@ -579,7 +596,7 @@ def _key_reply(index, key, rows, snapshot):
             payloads.append(Payload(index, "rows", s, global_rows[s:s + rows_per_frame]))
             payloads.append(Payload(index, "values", s, values[s:s + rows_per_frame]))
         return payloads
-    flat = key.param.reshape(-1)
+    flat = weights.reshape(-1)
     if snapshot:
         flat = flat.copy()
     return [Payload(index, "dense", key.chunk.start + offset, piece)
@@ -605,7 +622,7 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
     listener = transport.Listener(host, max_message_bytes, security=keys and auth.ServerCurve(
         keys, ("worker",), f"server {keys.rank}"))
     rejections = protocol.RejectionLog("server")
-    observer = None
+    observer = state = None
     try:
         book = membership.register(tcp=listener.tcp_address, ipc=listener.ipc_address,
                                    rank=rank)
@@ -614,11 +631,17 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
         state = ServerState(membership.rank, len(book["worker"]), len(book["server"]))
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
+        book_version = membership.book_version
+        newcomers = recovery.Newcomers(membership.restart_timeout and membership.heartbeat_timeout)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
+            if membership.book_version != book_version:   # a replaced worker has a new pid
+                book_version = membership.book_version
+                if listener.security is not None:
+                    listener.security.learn_local_peers(membership.book, transport.host_identity())
             try:
-                received = listener.receive(100)
+                received = newcomers.next(listener.security) or listener.receive(100)
             except protocol.ProtocolError as error:
                 rejections.say(str(error))
                 listener.send(error.identity, protocol.error_reply(
@@ -630,6 +653,8 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
             identity, message = received
             started = time.perf_counter()
             refusal = auth.worker_refusal(message)
+            if refusal and newcomers.hold(identity, message):
+                continue
             try:
                 replies = [(identity, protocol.error_reply(message.id, state.sender, refusal))] \
                     if refusal else state.handle(identity, message)
@@ -644,6 +669,8 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
                 listener.send(route, reply)
         return 0
     finally:
+        if state is not None:
+            recovery.say_counts(state)
         if observer is not None:
             observer.close()
         listener.close()

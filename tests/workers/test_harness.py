@@ -44,3 +44,46 @@ def test_a_bad_DISTTRAIN_PROGRESS_exits_naming_the_variable_and_value(monkeypatc
     with pytest.raises(SystemExit) as exit_info:
         harness.parser("test", epochs=1, batch_size=8, lr=0.1)
     assert "DISTTRAIN_PROGRESS='off' must be 0 or 1" in str(exit_info.value)
+
+
+# --- a replacement worker's place in the data --------------------------------------------
+def _loader(rank, workers=2):
+    import numpy as np
+    from disttrain.data import DataLoader, TensorDataset
+    data = np.arange(53, dtype=np.float32)[:, None]   # 53: epochs do not divide evenly
+    return DataLoader(TensorDataset(data, data), batch_size=4, shuffle=True, drop_last=True,
+                      seed=3, num_shards=workers, shard_index=rank)
+
+
+@pytest.mark.parametrize("clock", [0, 3, 6, 7, 15])
+@pytest.mark.parametrize("checkpoint", [None, {"step": 2, "epoch": 0, "start": 16}])
+def test_a_replacement_at_clock_c_sees_what_its_predecessor_would_have_from_step_c_on(
+        clock, checkpoint, capsys):
+    """Batches of an unbroken run from (launch start + c) on equal those of a replacement
+    that recovered at clock c, across epoch ends (6 steps per epoch here)."""
+    from types import SimpleNamespace
+    import disttrain as dt
+    first = checkpoint["step"] if checkpoint else 0
+    last = first + 20
+    unbroken = [(step, x.tolist()) for step, (x, _) in
+                harness.Batches(_loader(1), first, last, checkpoint)]
+    trainer = SimpleNamespace(recovered_clock=clock, rank=1)
+    model = dt.nn.Linear(1, 1)
+    optimizer = dt.optim.SGD(model.parameters(), lr=1.0)
+    schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=40)
+
+    class Saved:   # a job that resumed from `checkpoint` at its start
+        def resume(self, *args):
+            return dict(checkpoint)
+    position = harness.resume(Saved() if checkpoint else None, trainer, model, optimizer,
+                              schedule, _loader(1))
+    assert position["step"] == first + clock
+    replacement = [(step, x.tolist()) for step, (x, _) in
+                   harness.Batches(_loader(1), position["step"], last, position)]
+    assert replacement == unbroken[clock:]
+    reference = dt.optim.lr_scheduler.CosineAnnealingLR(
+        dt.optim.SGD(dt.nn.Linear(1, 1).parameters(), lr=1.0), T_max=40)
+    for _ in range(clock):
+        reference.step()
+    assert optimizer.param_groups[0]["lr"] == reference.optimizer.param_groups[0]["lr"]
+    assert f"continues at step {first + clock}" in capsys.readouterr().err
