@@ -12,12 +12,15 @@ from launch.hosts import parse_host_list, read_hostfile
 from launch.lifecycle import STOP_GRACE_S, Job
 from launch.placement import assign_environment, parse_env_assignments, place
 
+DEFAULT_RESTART_TIMEOUT_S = 60.0
+
 EPILOG = """\
 examples:
   python -m launch -n 2 -s 1 -- python workers/mnist.py --epochs 1
   python -m launch -H a:4,b:4 -n 8 -- python workers/mnist.py
   python -m launch --hostfile hosts -- python workers/mnist.py     # lines: host slots=N
   python -m launch -H ns0:0@10.77.0.1,ns1:1@10.77.0.2 --remote-cmd 'ip netns exec {host}' -- ...
+  python -m launch -n 2 -s 2 --max-restarts 1 --server-replicas 1 -- python workers/mnist.py
   python -m launch keys DIR -n 8 -s 2     # a job's keys, for processes another launcher starts
 """
 
@@ -56,6 +59,16 @@ def build_parser():
                              "can reach the job's ports can read and change the model")
     parser.add_argument("--grace", type=float, default=STOP_GRACE_S,
                         help="seconds between SIGTERM and SIGKILL when stopping (default %(default)g)")
+    parser.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                        help="restart a process that dies or stops answering, with the same "
+                             "role and rank, up to N times in all (default 0: the first "
+                             "failure ends the job)")
+    parser.add_argument("--restart-timeout", type=float, default=DEFAULT_RESTART_TIMEOUT_S,
+                        metavar="S", help="with --max-restarts: how long the job waits for a "
+                                          "replacement (DISTTRAIN_RESTART_TIMEOUT, default %(default)g)")
+    parser.add_argument("--server-replicas", type=int, choices=(0, 1), default=0,
+                        help="1: each server keeps a replica of the next one's shard, so a "
+                             "restarted server loses no optimizer state (needs -s 2 or more)")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND... run by every worker")
     return parser
 
@@ -71,6 +84,13 @@ def parse_args(argv):
         parser.error(f"-n {args.num_workers}: need at least one worker")
     if args.num_servers < 1:
         parser.error(f"-s {args.num_servers}: need at least one server")
+    if args.max_restarts < 0:
+        parser.error(f"--max-restarts {args.max_restarts}: give 0 (no restarts) or more")
+    if not args.restart_timeout > 0:
+        parser.error(f"--restart-timeout {args.restart_timeout:g}: must be a positive number of seconds")
+    if args.server_replicas and args.num_servers < 2:
+        parser.error(f"--server-replicas 1 with -s {args.num_servers}: a server's replica lives "
+                     f"on the next server, so give -s 2 or more")
     if args.launcher is None:
         args.launcher = "ssh" if (args.hosts or args.hostfile) else "local"
     if args.launcher == "ssh" and not (args.hosts or args.hostfile):
@@ -114,6 +134,7 @@ def plan(args, environ, job_keys=None):
         # Every process reports at its end (the straggler report); with --timeline it
         # sends its trace events too, both as marked lines of its output.
         process.env["DISTTRAIN_OBSERVE"] = "report,trace" if args.timeline else "report"
+        process.env.update(recovery_environment(args))
     if args.bind:
         # Pinned workers cannot step aside for a server thread woken on their core; a
         # real-time server preempts them at once (see use_realtime_priority, disttrain/ps/__main__.py).
@@ -128,6 +149,18 @@ def plan(args, environ, job_keys=None):
                                     keys_line=keys_lines.get(process.name, b""))
                     for process in processes]
     return processes, commands
+
+
+def recovery_environment(args):
+    """What every process learns of --max-restarts and --server-replicas; nothing at the
+    defaults, so that a job without them runs exactly as before they existed."""
+    env = {}
+    if args.max_restarts > 0:
+        env["DISTTRAIN_RESTART_TIMEOUT"] = str(args.restart_timeout)
+        env["DISTTRAIN_INCARNATION"] = "0"
+    if args.server_replicas:
+        env["DISTTRAIN_SERVER_REPLICAS"] = str(args.server_replicas)
+    return env
 
 
 def give_keys(args, processes, job_keys):
@@ -167,7 +200,7 @@ def main(argv=None):
                   file=sys.stderr)
             return 2
         return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace,
-                   collector=Collector(args.timeline)).run()
+                   collector=Collector(args.timeline), max_restarts=args.max_restarts).run()
     finally:
         job_keys.remove()
 

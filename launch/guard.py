@@ -5,7 +5,9 @@ started when the launcher goes away: `python -m launch.guard [--grace S] [--bind
 # Why: ssh (and srun) cannot signal a remote process group, and a dying ssh client does
 # not end the remote command. The launcher holds this guard's stdin open instead; when it
 # closes it (to stop the job) or dies, stdin reaches EOF here and the guard sends SIGTERM
-# to its process group, then SIGKILL after the grace period. The program stays in the
+# to its process group (and SIGCONT: a stopped program gets its SIGTERM only once it runs
+# again), then SIGKILL after the grace period. A `kill` line on stdin (the launcher
+# replacing a frozen process) skips the grace: SIGKILL at once. The program stays in the
 # guard's group so that a launcher that *can* signal the group locally
 # (`ip netns exec`) reaches it too.
 
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import threading
 
+from launch.lifecycle import KILL_LINE
 from launch.local import core_for
 
 POLL_S = 0.1
@@ -37,13 +40,20 @@ def parse_args(argv):
     return args
 
 
-def watch_stdin(stop):
-    """Sets `stop` when stdin reaches EOF: the launcher closed it or went away."""
+def watch_stdin(stop, kill):
+    """Sets `stop` when stdin reaches EOF: the launcher closed it or went away; sets
+    `kill` first when the launcher wrote KILL_LINE."""
+    received = b""
     while True:
         try:
-            if not os.read(0, 65536):
-                break
+            chunk = os.read(0, 65536)
         except OSError:
+            break
+        if not chunk:
+            break
+        received = (received + chunk)[-len(KILL_LINE):]
+        if received == KILL_LINE:
+            kill.set()
             break
     stop.set()
 
@@ -54,7 +64,7 @@ def main(argv=None):
         os.setpgid(0, 0)  # a group of our own, so the stop reaches nothing else
     if args.bind_index is not None:
         os.sched_setaffinity(0, {core_for(args.bind_index, os.sched_getaffinity(0))})
-    stop = threading.Event()
+    stop, kill = threading.Event(), threading.Event()
     # A signal to us asks for the same stop as a closed stdin; our own SIGTERM to the
     # group comes back here too and must not end the guard before its program.
     for signum in (signal.SIGTERM, signal.SIGHUP, signal.SIGINT):
@@ -70,25 +80,27 @@ def main(argv=None):
             return 2
         remove_keys = lambda: keys.auth.remove_key_directory(directory)  # noqa: E731
     try:
-        return run_guarded(args, env, stop, remove_keys)
+        return run_guarded(args, env, stop, kill, remove_keys)
     finally:
         remove_keys()
 
 
-def run_guarded(args, env, stop, remove_keys):
+def run_guarded(args, env, stop, kill, remove_keys):
     try:
         program = subprocess.Popen(args.command, stdin=subprocess.DEVNULL, env=env)
     except OSError as error:
         print(f"launch.guard: cannot start {' '.join(args.command)}: {error}", file=sys.stderr)
         return 127
-    threading.Thread(target=watch_stdin, args=(stop,), daemon=True).start()
+    threading.Thread(target=watch_stdin, args=(stop, kill), daemon=True).start()
 
     while program.poll() is None and not stop.wait(POLL_S):
         pass
     if program.poll() is None:
-        os.killpg(os.getpgrp(), signal.SIGTERM)
+        if not kill.is_set():
+            os.killpg(os.getpgrp(), signal.SIGTERM)
+            os.killpg(os.getpgrp(), signal.SIGCONT)
         try:
-            program.wait(timeout=args.grace)
+            program.wait(timeout=0 if kill.is_set() else args.grace)
         except subprocess.TimeoutExpired:
             remove_keys()   # SIGKILL to the group ends the guard as well
             os.killpg(os.getpgrp(), signal.SIGKILL)

@@ -1,9 +1,12 @@
-"""Runs the processes of one job: starts them, relays their output, and stops
-them all when the workers are done, when one process fails, or on Ctrl-C/SIGTERM."""
+"""Runs the processes of one job: starts them, relays their output, restarts a failed one
+while --max-restarts allows, and stops them all when the workers are done, when one process
+fails for good, or on Ctrl-C/SIGTERM."""
 
 import contextlib
+import dataclasses
 import functools
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -24,6 +27,9 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Exit code of a job stopped by SIGTERM (preemption) whose workers all wrote their
 # checkpoint and stopped with it (EX_TEMPFAIL): rerun the same command to resume.
 PREEMPTED_EXIT = 75
+# A line on a remote process's stdin that makes launch.guard SIGKILL its program at once
+# (a frozen process, which a SIGTERM would reach only once it runs again).
+KILL_LINE = b"kill\n"
 
 
 @dataclass
@@ -36,18 +42,31 @@ class LaunchCommand:
     stopped_by_closing_stdin: bool = False
     cpu: int | None = None  # pin the process to this core (--bind, local back end)
     stdin_data: bytes = b""  # written to its stdin at start: a remote process's keys
+    # remake(env_changes) -> the command with those changes to the process's environment,
+    # for a back end whose environment is not `env` (ssh, srun: it is in the remote line).
+    remake: object = None
+
+    def with_env(self, changes):
+        """The same command, the process's environment changed by `changes` (a restart's
+        DISTTRAIN_INCARNATION)."""
+        if self.remake is not None:
+            return self.remake(changes)
+        return dataclasses.replace(self, env={**self.env, **changes})
 
 
 class Child:
     """One started process: its Popen, its output relays, and how it ended."""
 
-    def __init__(self, process, command):
+    def __init__(self, process, command, incarnation=0):
         self.process = process
         self.command = command
+        self.incarnation = incarnation  # how many times this process was restarted before
         self.popen = None
+        self.started_at = None  # time.monotonic() at its start
         self.returncode = None
         self.killed_by_us = False
         self.asked_to_stop = False
+        self.unresponsive = None  # why we killed it: the scheduler's "no heartbeat ..."
         self.relays = {}  # fd -> LinePrefixer
 
     @property
@@ -64,6 +83,7 @@ class Child:
             self.popen = subprocess.Popen(
                 self.command.argv, env=self.command.env, stdin=stdin,
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.started_at = time.monotonic()
         if self.command.stdin_data:
             # Keys travel inside the ssh connection, never on a command line; a process that
             # died at once shows in its exit code, not here.
@@ -92,10 +112,27 @@ class Child:
                 self.popen.stdin.close()
         else:
             self.signal_group(signal.SIGTERM)
+            # A stopped (SIGSTOPped) process gets its SIGTERM only once it runs again.
+            self.signal_group(signal.SIGCONT)
 
     def kill(self):
         self.killed_by_us = True
         self.signal_group(signal.SIGKILL)
+
+    def kill_at_once(self):
+        """SIGKILL for the process and all it started, wherever it runs: a remote process's
+        guard is told on its stdin (launch.guard KILL_LINE) and closing it is the fall-back."""
+        if not self.command.stopped_by_closing_stdin:
+            self.kill()
+            return
+        self.killed_by_us = True
+        try:
+            self.popen.stdin.write(KILL_LINE)
+            self.popen.stdin.flush()
+        except (OSError, ValueError):
+            pass
+        with contextlib.suppress(OSError):
+            self.popen.stdin.close()
 
     def signal_group(self, signum):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -134,10 +171,15 @@ def exit_code_for(code):
 
 class Job:
     """The children of one launch and the rules that end it: all workers exited 0
-    (exit 0), any process exited non-zero (its code), or a signal to us (128+N)."""
+    (exit 0), any process exited non-zero (its code) with no restart left, or a signal to
+    us (128+N). `max_restarts` (--max-restarts) is the job-wide budget of restarts."""
 
-    def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S, collector=None):
+    def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S, collector=None,
+                 max_restarts=0):
         self.children = [Child(process, command) for process, command in zip(processes, commands)]
+        self.max_restarts = max_restarts
+        self.restarts = 0
+        self.log_file_of = {}  # process name -> its --log-dir file, which a replacement continues
         self.collector = collector  # a launch.observe.Collector: timeline and reports
         self.log_dir = log_dir
         self.grace_s = grace_s
@@ -161,6 +203,7 @@ class Job:
             while any(child.running for child in self.children):
                 self._relay_output(POLL_S)
                 self._check_signal()
+                self._check_unresponsive()
                 self._check_exits()
                 self._check_preempted_workers()
                 self._check_kill_deadline()
@@ -200,17 +243,22 @@ class Job:
         for child in self.children:
             if self.stopping:
                 return
-            log_file = None
             if self.log_dir:
                 log_file = open(os.path.join(self.log_dir, child.name.replace(" ", "-") + ".log"), "wb")
                 self.log_files.append(log_file)
-            try:
-                child.start(log_file, self.collector)
-            except OSError as error:
-                self._fail(f"cannot start {child.name} ({' '.join(child.command.argv)}): {error}", 127)
+                self.log_file_of[child.name] = log_file
+            if not self._start(child):
                 return
-            for fd in child.relays:
-                self.selector.register(fd, selectors.EVENT_READ, child)
+
+    def _start(self, child):
+        try:
+            child.start(self.log_file_of.get(child.name), self.collector)
+        except OSError as error:
+            self._fail(f"cannot start {child.name} ({' '.join(child.command.argv)}): {error}", 127)
+            return False
+        for fd in child.relays:
+            self.selector.register(fd, selectors.EVENT_READ, child)
+        return True
 
     def _on_signal(self, signum, frame):
         if self.signal_received is not None and (signum, self.signal_received) != \
@@ -253,14 +301,16 @@ class Job:
             self._stop_all()
 
     def _check_exits(self):
-        for child in self.children:
+        for index, child in enumerate(self.children):
             was_running = child.running
             code = child.poll()
             if not was_running or code is None:
                 continue
             if code != 0 and not self.stopping:
-                self._fail(f"{child.name} exited with code {code}{self._signal_hint(child, code)}",
-                           exit_code_for(code))
+                if self._may_restart():
+                    self._restart(index, child, code)
+                else:
+                    self._fail(self._failure_message(child, code), exit_code_for(code))
             elif code != 0 and self.exit_code == 0 and not self._stopped_as_asked(child, code):
                 # Every worker succeeded, but a server failed while shutting down.
                 self._say(f"{child.name} exited with code {code} while stopping")
@@ -271,6 +321,62 @@ class Job:
                 self.stop_at = time.monotonic() + SELF_EXIT_WAIT_S
             elif time.monotonic() >= self.stop_at:
                 self._stop_all()
+
+    def _may_restart(self):
+        # Once every worker is done the job is ending: a failing server ends it as today.
+        return self.restarts < self.max_restarts and self.stop_at is None
+
+    def _restart(self, index, child, code):
+        """Starts `child`'s process again in its place: same role, rank, host, command and
+        keys; DISTTRAIN_INCARNATION counts its restarts."""
+        self.restarts += 1
+        reason = child.unresponsive or self._exit_reason(child, code)
+        self._say(f"restarting {child.name} ({reason}), restart {self.restarts} of {self.max_restarts}")
+        self._retire(child)
+        incarnation = child.incarnation + 1
+        replacement = Child(child.process,
+                            child.command.with_env({"DISTTRAIN_INCARNATION": str(incarnation)}),
+                            incarnation)
+        self.children[index] = replacement
+        self._start(replacement)
+
+    def _failure_message(self, child, code):
+        message = f"{child.name} exited with code {code}{self._signal_hint(child, code)}"
+        if child.unresponsive:
+            message += f", killed as unresponsive ({child.unresponsive})"
+        if self.max_restarts:
+            message += f"; no restart left (all {self.max_restarts} of --max-restarts used)"
+        return message
+
+    @classmethod
+    def _exit_reason(cls, child, code):
+        """`exit SIGKILL`, `exit 3`, `exit 137: SIGKILL on node2` (a remote guard's 128+N)."""
+        if code < 0:
+            return f"exit {describe_status(code)}"
+        hint = cls._signal_hint(child, code).strip(" ()")
+        return f"exit {code}: {hint}" if hint else f"exit {code}"
+
+    def _check_unresponsive(self):
+        """Kills a process reported silent (launch.observe passes the `unresponsive`
+        messages on: the scheduler's about a worker or server, any other process's about
+        the scheduler) so that _check_exits restarts it. Without --max-restarts they are
+        ignored: the processes end the job as before."""
+        if self.collector is None:
+            return
+        for reporter, role, rank, why, silent_s in self.collector.take_unresponsive():
+            child = next((child for child in self.children
+                          if (child.process.role, child.process.rank) == (role, rank)), None)
+            if not self.max_restarts or self.stopping or child is None or not child.running \
+                    or child.unresponsive:
+                continue
+            if silent_s is not None and time.monotonic() - child.started_at < silent_s:
+                # Silent for longer than it has been running: a late report (one of several
+                # reporters) about the predecessor that this one replaced.
+                continue
+            then = "to restart it" if self._may_restart() else "(no restart left)"
+            self._say(f"{reporter} reports {child.name} unresponsive ({why}); killing it {then}")
+            child.unresponsive = why
+            child.kill_at_once()
 
     @staticmethod
     def _stopped_as_asked(child, code):
@@ -320,13 +426,32 @@ class Job:
             time.sleep(timeout)
             return
         for key, _ in self.selector.select(timeout):
-            chunk = os.read(key.fd, 65536)
-            relay = key.data.relays[key.fd]
-            if chunk:
-                relay.feed(chunk)
-            else:
-                relay.close()
-                self.selector.unregister(key.fd)
+            self._relay_chunk(key.fd, key.data)
+
+    def _relay_chunk(self, fd, child):
+        """Relays what `fd` of `child` holds; False at its end (then it is unregistered)."""
+        chunk = os.read(fd, 65536)
+        relay = child.relays[fd]
+        if chunk:
+            relay.feed(chunk)
+            return True
+        relay.close()
+        self.selector.unregister(fd)
+        return False
+
+    def _retire(self, child):
+        """Relays what a dead child left in its pipes, so that its replacement's lines come
+        after its own (a pipe that a stray process holds open is given up after
+        DRAIN_DEADLINE_S), then closes them."""
+        end = time.monotonic() + DRAIN_DEADLINE_S
+        registered = self.selector.get_map()
+        fds = [fd for fd in child.relays if fd in registered]
+        while fds and time.monotonic() < end:
+            ready, _, _ = select.select(fds, [], [], max(0.0, end - time.monotonic()))
+            fds = [fd for fd in fds if fd not in ready or self._relay_chunk(fd, child)]
+        for fd in fds:
+            self.selector.unregister(fd)
+        self._close_pipes(child)
 
     def _drain_output(self):
         """Relays what is left in the pipes; a pipe that a stray process still holds
@@ -335,14 +460,18 @@ class Job:
         while self.selector.get_map() and time.monotonic() < deadline:
             self._relay_output(POLL_S)
         for child in self.children:
-            for relay in child.relays.values():
-                relay.close()
-            if child.popen is not None:
-                for stream in (child.popen.stdin, child.popen.stdout, child.popen.stderr):
-                    if stream is not None:
-                        with contextlib.suppress(OSError):
-                            stream.close()
+            self._close_pipes(child)
         self.selector.close()
+
+    @staticmethod
+    def _close_pipes(child):
+        for relay in child.relays.values():
+            relay.close()
+        if child.popen is not None:
+            for stream in (child.popen.stdin, child.popen.stdout, child.popen.stderr):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
 
     def _print_summary(self):
         wall_s = time.monotonic() - self.started_at
@@ -352,6 +481,8 @@ class Job:
                      if child.process.role == role]
             if codes:
                 parts.append(f"{label} {' '.join(codes)}")
+        if self.max_restarts:
+            parts.append(f"restarts {self.restarts} of {self.max_restarts}")
         self._say(f"finished in {wall_s:.1f} s, exit {self.exit_code}; " + "; ".join(parts))
 
     @staticmethod

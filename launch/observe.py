@@ -1,7 +1,9 @@
 """What the launcher gathers over the observe channel (disttrain.observe.channel) from the
 marked lines of every process, on any back end: trace events, merged into one Chrome
-trace-event file for --timeline, and each process's end-of-run report, from which it prints
-the straggler report."""
+trace-event file for --timeline, each process's end-of-run report, from which it prints
+the straggler report, and word that a process stopped answering (the scheduler's about a
+worker or server, any other's about the scheduler), which launch.lifecycle acts on with
+--max-restarts."""
 
 import json
 
@@ -19,6 +21,7 @@ class Collector:
         self.timeline = timeline
         self.traces = {}     # process name -> {"base": seconds, "events": [...]}
         self.reports = {}    # process name -> its report
+        self.unresponsive = []   # (reporter, role, rank, why, silent_s) not yet taken
 
     def take(self, name, line):
         """True if `line` (bytes, no newline) was an observe message and is taken."""
@@ -28,11 +31,35 @@ class Collector:
         if message["kind"] == "trace" and self.timeline:
             track = self.traces.setdefault(name, {"base": None, "events": []})
             if isinstance(message.get("base"), (int, float)) and isinstance(message.get("events"), list):
-                track["base"] = message["base"]
-                track["events"] += message["events"]
+                events = message["events"]
+                if track["base"] is None:
+                    track["base"] = message["base"]
+                elif message["base"] != track["base"]:
+                    # A restarted process traces from a base of its own: keep the track's.
+                    shift = (message["base"] - track["base"]) * 1e6
+                    events = [shifted(event, shift) for event in events]
+                track["events"] += events
         elif message["kind"] == "report":
             self.reports[name] = message
+        elif message["kind"] == "unresponsive":
+            # Each node is watched by whom it heartbeats with: workers and servers by the
+            # scheduler, the scheduler by them (its replies stop). Other reports are dropped.
+            role, rank, why = message.get("role"), message.get("rank"), message.get("why")
+            why = why if isinstance(why, str) else "unresponsive"
+            silent_s = message.get("silent_s")
+            silent_s = silent_s if type(silent_s) in (int, float) else None
+            if name == "scheduler" and role in ("worker", "server") and type(rank) is int:
+                self.unresponsive.append((name, role, rank, why, silent_s))
+            elif name != "scheduler" and role == "scheduler":
+                self.unresponsive.append((name, "scheduler", None, why, silent_s))
         return True
+
+    def take_unresponsive(self):
+        """(reporter, role, rank, why, silent_s) for each process reported unresponsive
+        since the last call; rank None for the scheduler; silent_s (how long it had been
+        silent, optional) None when not given."""
+        taken, self.unresponsive = self.unresponsive, []
+        return taken
 
     def write_timeline(self, names):
         """Write the timeline (tracks in the order of `names`); its path, or None."""
@@ -45,6 +72,15 @@ class Collector:
 
     def straggler_report(self):
         return straggler_lines(self.reports)
+
+
+def shifted(event, shift_us):
+    """A trace event [label, start, end, args] moved later by `shift_us`; a malformed one as is."""
+    try:
+        label, start, end, args = event
+        return [label, start + shift_us, None if end is None else end + shift_us, args]
+    except (TypeError, ValueError):
+        return event
 
 
 def chrome_trace(tracks):

@@ -50,15 +50,22 @@ def guard_argv(python, command, grace_s, bind_index=None, keys_on_stdin=False):
 
 
 def ssh_command(process, template, grace_s, bind, cwd=None, python=sys.executable,
-                keys_line=b""):
+                keys_line=b"", env_changes=None):
     """Runs `process` on its host: cd to our working directory, export the contract
-    environment (only that: PATH and the rest stay the remote host's), run the guard.
-    `keys_line` (launch.keys.JobKeys.stdin_line) reaches the guard through stdin."""
+    environment (only that: PATH and the rest stay the remote host's) with `env_changes`,
+    run the guard. `keys_line` (launch.keys.JobKeys.stdin_line) reaches the guard through
+    stdin. The command's `with_env` rebuilds the line for a restart (the keys go again)."""
+    cwd = cwd or os.getcwd()
+    env_changes = dict(env_changes or {})
     bind_index = process.local_index if bind and process.role == "worker" else None
-    line = shell_line(cwd or os.getcwd(), process.env,
+    line = shell_line(cwd, {**process.env, **env_changes},
                       guard_argv(python, process.command, grace_s, bind_index, bool(keys_line)))
+
+    def remake(changes):
+        return ssh_command(process, template, grace_s, bind, cwd, python, keys_line,
+                           {**env_changes, **changes})
     return LaunchCommand(remote_argv(template, process.host.name, line), dict(os.environ),
-                         stopped_by_closing_stdin=True, stdin_data=keys_line)
+                         stopped_by_closing_stdin=True, stdin_data=keys_line, remake=remake)
 
 
 def probe_free_port(template, host, python=sys.executable, deadline_s=PORT_PROBE_DEADLINE_S):

@@ -71,3 +71,48 @@ def test_slurm_plan_runs_every_process_as_a_one_task_srun_step():
 
 def test_core_for_wraps_around_the_allowed_cores():
     assert [core_for(index, {4, 6}) for index in range(3)] == [4, 6, 4]
+
+
+RECOVERY_VARIABLES = ("DISTTRAIN_RESTART_TIMEOUT", "DISTTRAIN_INCARNATION", "DISTTRAIN_SERVER_REPLICAS")
+
+
+def test_without_restart_flags_no_process_gets_a_recovery_variable():
+    processes, commands = plan(parse_args(["-n", "2", "-s", "2", "--", "prog"]), {})
+    assert not [name for command in commands for name in RECOVERY_VARIABLES if name in command.env]
+
+
+def test_max_restarts_gives_every_process_the_restart_timeout_and_incarnation_0():
+    args = parse_args(["-n", "2", "--max-restarts", "2", "--restart-timeout", "7.5", "--", "prog"])
+    assert (args.max_restarts, args.restart_timeout) == (2, 7.5)
+    processes, commands = plan(args, {})
+    assert [p.role for p in processes] == ["scheduler", "server", "worker", "worker"]
+    for command in commands:
+        assert (command.env["DISTTRAIN_RESTART_TIMEOUT"], command.env["DISTTRAIN_INCARNATION"]) == \
+            ("7.5", "0")
+        assert "DISTTRAIN_SERVER_REPLICAS" not in command.env
+
+
+def test_restart_timeout_defaults_to_60_seconds():
+    _, commands = plan(parse_args(["-n", "1", "--max-restarts", "1", "--", "prog"]), {})
+    assert {command.env["DISTTRAIN_RESTART_TIMEOUT"] for command in commands} == {"60.0"}
+
+
+def test_server_replicas_reaches_every_process_over_ssh_too():
+    args = parse_args(["-H", "a:1,b:1", "--port", "29500", "-s", "2", "--server-replicas", "1",
+                       "--", "prog"])
+    _, commands = plan(args, {})
+    assert len(commands) == 5
+    assert all("DISTTRAIN_SERVER_REPLICAS=1 " in command.argv[-1] for command in commands)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--server-replicas", "1", "--", "prog"], "--server-replicas 1 with -s 1"),
+    (["-s", "2", "--server-replicas", "2", "--", "prog"], "invalid choice: 2"),
+    (["--max-restarts", "-1", "--", "prog"], "--max-restarts -1"),
+    (["--max-restarts", "1", "--restart-timeout", "0", "--", "prog"], "--restart-timeout 0"),
+])
+def test_bad_restart_flags_exit_2_with_the_reason(capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

@@ -51,3 +51,41 @@ def test_the_straggler_report_sums_the_servers_counts_and_names_the_worker_last_
     assert lines[1] == "  worker 0: median step 12.0 ms, last at 12% of 100 clocks"
     assert lines[2] == "  worker 1: median step 12.5 ms, last at 88% of 100 clocks  <- straggler"
     assert straggler_lines({"server 0": reports["server 0"]}) == []   # no worker reported
+
+
+def test_the_schedulers_unresponsive_reports_are_taken_once_each():
+    collector = Collector()
+    report = {"kind": "unresponsive", "role": "worker", "rank": 1, "why": "no heartbeat for 10.3 s"}
+    assert collector.take("scheduler", marked(report))
+    assert collector.take("scheduler", marked({**report, "role": "server", "rank": 0}))
+    assert collector.take_unresponsive() == [("scheduler", "worker", 1, "no heartbeat for 10.3 s", None),
+                                             ("scheduler", "server", 0, "no heartbeat for 10.3 s", None)]
+    assert collector.take_unresponsive() == []
+
+
+def test_any_other_process_may_report_the_scheduler_unresponsive():
+    collector = Collector()
+    assert collector.take("server 1", marked({"kind": "unresponsive", "role": "scheduler",
+                                              "why": "no heartbeat reply for 10.3 s",
+                                              "silent_s": 10.3}))
+    assert collector.take_unresponsive() == [("server 1", "scheduler", None,
+                                              "no heartbeat reply for 10.3 s", 10.3)]
+
+
+def test_unresponsive_reports_from_others_or_malformed_are_dropped():
+    collector = Collector()
+    report = {"kind": "unresponsive", "role": "worker", "rank": 1, "why": "no heartbeat"}
+    assert collector.take("worker 0", marked(report))          # only the scheduler watches it
+    for bad in ({"role": "scheduler", "rank": 0}, {"role": "worker", "rank": "1"},
+                {"role": "worker", "rank": True}, {"role": "worker"}):
+        assert collector.take("scheduler", marked({"kind": "unresponsive", "why": "x", **bad}))
+    assert collector.take_unresponsive() == []
+
+
+def test_a_restarted_process_traces_onto_its_first_incarnations_track():
+    collector = Collector(timeline="unused.json")
+    collector.take("worker 1", marked({"kind": "trace", "base": 10.0, "events": [["step", 0, 5, None]]}))
+    collector.take("worker 1", marked({"kind": "trace", "base": 12.5, "events": [["step", 1, 3, None],
+                                                                                 ["mark", 2, None, None]]}))
+    assert collector.traces["worker 1"] == {"base": 10.0, "events": [
+        ["step", 0, 5, None], ["step", 2500001.0, 2500003.0, None], ["mark", 2500002.0, None, None]]}
