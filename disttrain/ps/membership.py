@@ -56,6 +56,10 @@ class Membership:
         self.book = None          # the current public address book
         self.book_version = 0     # +1 per book notice (a replacement took over a rank)
         self.replaced = None      # text of the scheduler's `replaced` answer, once it came
+        # Elastic membership (launch -n MIN:MAX; disttrain/elastic.py, ps/elastic.py).
+        self.elastic = False      # the job lets workers join and leave
+        self.join = False         # we registered as a joiner of a running job
+        self.joining = []         # worker ranks that registered to join, in notice order
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
@@ -95,14 +99,24 @@ class Membership:
                               hostname=hostname, netns=netns, pid=os.getpid())
         self.rank = reply.meta["rank"]
         self.recovery = reply.meta.get("recovery") is True
+        self.elastic = reply.meta.get("elastic") is True
+        self.join = reply.meta.get("join") is True
         self.book = reply.meta["book"]
         return reply.meta["book"]
 
     def barrier(self, group="worker"):
         self._request("barrier", f"barrier of group {group!r}", group=group)
 
-    def goodbye(self):
-        self._request("goodbye", "goodbye to the scheduler")
+    def goodbye(self, leave=False):
+        """leave=True (elastic): this worker leaves a job that goes on without it."""
+        if leave:
+            self._request("goodbye", "goodbye to the scheduler", leave=True)
+        else:
+            self._request("goodbye", "goodbye to the scheduler")
+
+    def joined(self):
+        """A joiner was let in (elastic): the job now waits for its goodbye too."""
+        self._request("joined", "joined, to the scheduler")
 
     def _start_heartbeats(self):
         self._beats = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -149,6 +163,9 @@ class Membership:
         if notice.op == "book" and isinstance(notice.meta.get("book"), dict):
             self.book = notice.meta["book"]
             self.book_version += 1
+            if type(notice.meta.get("join")) is int:   # elastic: a new worker
+                self.joining.append(notice.meta["join"])
+                return False
             _say(f"{notice.meta.get('role')} {notice.meta.get('rank')} was replaced; "
                  f"{self.role} {self.rank} carries on")
         elif notice.op == "error" and str(notice.meta.get("error", "")).startswith("replaced"):
