@@ -23,6 +23,8 @@ import sys
 import threading
 import time
 
+from disttrain.observe import channel
+
 
 def _say(text):
     print(f"disttrain: {text}", file=sys.stderr, flush=True)
@@ -110,6 +112,7 @@ class WorkerElastic:
         if self.leave_clock == clock:
             self.left = True
             _say(f"worker {self.trainer.rank} left the job after clock {clock}")
+            channel.send("left", {"rank": self.trainer.rank, "clock": clock})   # the launcher
             return
         if now != self.active:
             self._changed(now, clock + 1)

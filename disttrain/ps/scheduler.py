@@ -137,7 +137,7 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in PUBLIC} for n in nodes]
+        public = {role: [n and {k: n[k] for k in PUBLIC} for n in nodes]   # None: a free rank
                   for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:

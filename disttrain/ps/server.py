@@ -643,7 +643,10 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
         book_version = membership.book_version
-        newcomers = recovery.Newcomers(membership.restart_timeout and membership.heartbeat_timeout)
+        # A replacement's (recovery) or a joiner's (elastic) first requests can overtake
+        # the book notice that names it.
+        newcomers = recovery.Newcomers((membership.restart_timeout or membership.elastic)
+                                       and membership.heartbeat_timeout)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
