@@ -125,6 +125,8 @@ def plan(args, environ, job_keys=None):
     ps_command = shlex.split(args.ps_command)
     if args.max_workers is not None:   # elastic: start with what the slots allow
         slots = sum(n for _, n in elastic.host_reader(args, "localhost")())
+        if not slots and args.launcher == "local":   # no hosts named: this machine's
+            slots = local.gpu_count() if args.device == "gpu" else local.cpu_count()
         args.num_workers = max(args.min_workers, min(args.max_workers, slots or args.min_workers))
     if args.launcher == "local":
         default = local.gpu_count() if args.device == "gpu" else local.cpu_count()
