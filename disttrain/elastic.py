@@ -16,7 +16,8 @@ elastic state callbacks do):
 Data: every worker holds the same global position in the epoch's order (workers/harness.py
 Batches); when the workers present change at clock k + 1, each re-splits the rest of the
 epoch from there over the new count (DataLoader.set_epoch). A worker joins at an epoch
-boundary (the marker waits for one), so the joiner's first epoch is split evenly.
+step from which the rest of the epoch splits evenly over the new count (else at the
+epoch's end; the marker waits for such a step), so a join leaves no sample out.
 """
 import signal
 import sys
@@ -58,8 +59,9 @@ class WorkerElastic:
         # Where a joiner starts: {"step", "epoch", "start"} (the harness hands it the
         # marker's), set by admit().
         self.position = None
-        # The harness's Batches position after the current step, or None while it is not
-        # at an epoch boundary (joiners wait for one). Without one, joiners come in at once.
+        # position_source(workers): the harness's Batches position after the current step,
+        # or None while `workers` cannot start there without leaving samples out (joiners
+        # wait). Without one, joiners come in at once.
         self.position_source = None
 
     # --- leaving ------------------------------------------------------------------
@@ -87,7 +89,8 @@ class WorkerElastic:
             self.leave_clock = marks["leave"] = clock
         self._take_notices()
         if self.waiting and self.active and self.active[0] == self.trainer.rank:
-            position = self.position_source() if self.position_source is not None else {}
+            workers = len(self.active) + len(self.waiting)
+            position = self.position_source(workers) if self.position_source is not None else {}
             if position is not None:
                 marks["join"] = [[rank, clock + 1, position] for rank in self.waiting]
         self._marks_clock, self._marks = clock, marks
@@ -137,7 +140,8 @@ class WorkerElastic:
         the clock we start at, and keep the data position the marker sent (self.position)."""
         trainer, membership = self.trainer, self.trainer._membership
         deadline = time.monotonic() + membership.timeout
-        _say(f"worker {trainer.rank} waits to be let into the job (at an epoch boundary)")
+        _say(f"worker {trainer.rank} waits to be let into the job (at a step where the data "
+             f"splits evenly)")
         while True:
             handle = trainer._store.request("joined", {"rank": trainer.rank})
             handle.wait()

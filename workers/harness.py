@@ -354,8 +354,9 @@ def elastic(trainer, loader, batches, args):
     """Hooks an elastic job's worker (launch -n MIN:MAX) to its data: the loader is re-split
     whenever workers join or leave; the run stops at the end of epoch ceil(--epochs) (steps
     per epoch change with the workers) or when this worker has left (SIGTERM); a worker that
-    is first in the job lets waiting joiners in at the next epoch boundary, handing them
-    the data position. Nothing happens outside an elastic job."""
+    is first in the job lets waiting joiners in at the next step from which the rest of the
+    epoch splits evenly over the new count (else at the epoch's end), handing them the data
+    position, so a join leaves no sample out. Nothing happens outside an elastic job."""
     if getattr(trainer, "elastic", None) is None:
         return
     state = trainer.elastic
@@ -363,10 +364,15 @@ def elastic(trainer, loader, batches, args):
     def reshard(old, new):
         loader.num_shards, loader.shard_index = state.shard()
 
-    def boundary():   # the position after the current step, if it ends an epoch
-        if not batches.position["epoch_end"] or batches.position["epoch"] >= batches.end_epoch:
+    def boundary(workers):   # the position after this step, if `workers` can start there
+        position = batches.position
+        if position["epoch"] >= batches.end_epoch:
             return None
-        return {"step": batches.next_step, "epoch": batches.position["epoch"], "start": 0}
+        if position["epoch_end"] or splits_evenly(loader, position["epoch"], position["start"],
+                                                  workers):
+            return {"step": batches.next_step, "epoch": position["epoch"],
+                    "start": position["start"]}
+        return None
 
     state.callbacks.append(reshard)
     state.position_source = boundary
@@ -375,9 +381,23 @@ def elastic(trainer, loader, batches, args):
     batches.until = lambda: state.left
 
 
+def splits_evenly(loader, epoch, start, shards):
+    """True when the rest of `epoch` from global position `start` deals into whole batches
+    over `shards` workers with no sample left out."""
+    saved = loader.num_shards, loader.shard_index
+    loader.num_shards, loader.shard_index = shards, 0
+    try:
+        left = len(loader.shard_indices(epoch, start))
+    finally:
+        loader.num_shards, loader.shard_index = saved
+    return left % loader.batch_size == 0 and left * shards == len(loader.dataset) - start
+
+
 def summary(args, trainer, model_name, **fields):
-    """Rank 0 prints the JSON summary as its last stdout line, and writes it to --metrics."""
-    if trainer.rank != 0:
+    """Rank 0 prints the JSON summary as its last stdout line, and writes it to --metrics
+    (in an elastic job: the first worker still in the job; none from one that left)."""
+    state = getattr(trainer, "elastic", None)
+    if (trainer.rank != 0 if state is None else (state.left or trainer.rank != state.active[0])):
         return None
     line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
             "servers": trainer.num_servers,

@@ -48,7 +48,7 @@ class Worker:
 
 def run(script, epochs=3):
     """Workers in lockstep; script: {step: ("leave", rank) | ("join", rank)} applied after
-    that step (a join waits for the next epoch boundary, as the marker does). Returns
+    that step (a join waits until the marker's position source allows it). Returns
     {epoch: sorted samples dealt}."""
     workers = {0: Worker(0, [0, 1], epochs), 1: Worker(1, [0, 1], epochs)}
     seen, waiting, step = collections.defaultdict(list), [], 0
@@ -74,7 +74,7 @@ def run(script, epochs=3):
         elif action:
             waiting.append(action[1])
         marker = workers[active[0]]
-        boundary = marker.elastic.position_source()
+        boundary = marker.elastic.position_source(len(active) + len(waiting))
         if waiting and boundary is not None:
             active = sorted(active + waiting)
             for rank in waiting:
@@ -88,9 +88,10 @@ def run(script, epochs=3):
 
 
 @pytest.mark.parametrize("script", [{}, {5: ("leave", 1)}, {3: ("join", 2)},
-                                    {2: ("join", 2), 21: ("leave", 0)}])
+                                    {2: ("join", 2), 20: ("leave", 0)}])
 def test_across_leaves_and_joins_every_sample_of_every_epoch_is_dealt_once(script):
-    """(Step 21 with 3 workers: 12 samples into epoch 2, the 36 left split evenly over 2.)"""
+    """(The last: 3 workers from step 3; after step 20, 24 samples into epoch 2, the 24
+    left split evenly over 2 workers of batch 2.)"""
     seen = run(script)
     assert sorted(seen) == [0, 1, 2]
     for epoch, samples in seen.items():
@@ -98,27 +99,38 @@ def test_across_leaves_and_joins_every_sample_of_every_epoch_is_dealt_once(scrip
 
 
 def test_a_leave_where_the_rest_of_the_epoch_does_not_split_evenly_drops_less_than_a_step():
-    """Step 20 with 3 workers: 6 samples into epoch 2, 42 left for 2 workers of batch 2:
-    the last 2 (less than one global batch) are left out, as DataLoader.set_epoch says;
-    none is dealt twice."""
-    seen = run({2: ("join", 2), 20: ("leave", 0)})
+    """After step 21, 30 samples into epoch 2, 18 left for 2 workers of batch 2: the last
+    2 (less than one global batch) are left out, as DataLoader.set_epoch says; none is
+    dealt twice."""
+    seen = run({2: ("join", 2), 21: ("leave", 0)})
     assert seen[0] == seen[1] == list(range(SAMPLES))
     assert len(set(seen[2])) == len(seen[2]) == SAMPLES - 2
 
 
-def test_a_joiner_is_let_in_only_at_an_epoch_boundary():
+def test_a_joiner_is_let_in_at_the_first_step_from_which_the_rest_splits_evenly():
+    """48 samples, batch 2, 2 -> 3 workers: after 3 steps 36 samples are left, 6 steps of 6."""
     worker = Worker(0, [0, 1], epochs=2)
+    for _ in range(2):
+        next(worker.steps)
+        assert worker.elastic.position_source(3) is None
     next(worker.steps)
-    assert worker.elastic.position_source() is None
+    assert worker.elastic.position_source(3) == {"step": 3, "epoch": 0, "start": 12}
+    assert worker.elastic.position_source(2) is not None   # the same count: always
+
+
+def test_where_no_step_splits_evenly_a_joiner_waits_for_the_epoch_end():
+    worker = Worker(0, [0, 1], epochs=2)   # 48 samples never split into batches of 5 x 2
     for _ in range(SAMPLES // (2 * BATCH) - 1):
         next(worker.steps)
-    assert worker.elastic.position_source() == {"step": SAMPLES // (2 * BATCH), "epoch": 1,
-                                                "start": 0}
+        assert worker.elastic.position_source(5) is None
+    next(worker.steps)
+    assert worker.elastic.position_source(5) == {"step": SAMPLES // (2 * BATCH), "epoch": 1,
+                                                 "start": 0}
 
 
 def test_no_joiner_is_let_in_after_the_last_epoch():
     worker = Worker(0, [0, 1], epochs=1)
     for _ in range(SAMPLES // (2 * BATCH)):
         next(worker.steps)
-    assert worker.elastic.position_source() is None
+    assert worker.elastic.position_source(3) is None
     assert next(worker.steps, None) is None
