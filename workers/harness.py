@@ -350,13 +350,16 @@ def shard_of(trainer):
     return trainer.num_workers, trainer.rank
 
 
-def elastic(trainer, loader, batches, args):
+def elastic(trainer, loader, batches, args, schedule=None):
     """Hooks an elastic job's worker (launch -n MIN:MAX) to its data: the loader is re-split
     whenever workers join or leave; the run stops at the end of epoch ceil(--epochs) (steps
     per epoch change with the workers) or when this worker has left (SIGTERM); a worker that
     is first in the job lets waiting joiners in at the next step from which the rest of the
     epoch splits evenly over the new count (else at the epoch's end), handing them the data
-    position, so a join leaves no sample out. Nothing happens outside an elastic job."""
+    position, so a join leaves no sample out. A `schedule` with a T_max (cosine) follows the
+    share of the run's samples dealt rather than the step count, which changes with the
+    workers: every worker, joiners included, then has the same rate at the same clock.
+    Nothing happens outside an elastic job."""
     if getattr(trainer, "elastic", None) is None:
         return
     state = trainer.elastic
@@ -379,6 +382,16 @@ def elastic(trainer, loader, batches, args):
     batches.end_epoch = math.ceil(args.epochs)
     batches.last = math.inf
     batches.until = lambda: state.left
+    if schedule is not None and hasattr(schedule, "T_max"):
+        by_steps = schedule.step
+
+        def by_samples():
+            position = batches.position
+            done = (position["epoch"] + position["start"] / len(loader.dataset)) / batches.end_epoch
+            schedule.last_epoch = done * schedule.T_max - 1
+            by_steps()
+        schedule.step = by_samples
+        by_samples()   # the rate of the first step from here (a joiner's, mid-run)
 
 
 def splits_evenly(loader, epoch, start, shards):

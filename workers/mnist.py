@@ -146,7 +146,7 @@ def main(argv=None):
         position = harness.resume(saved, trainer, model, optimizer, schedule, loader)
         first = position["step"] if position else 0
         batches = harness.Batches(loader, first, last, position)
-        harness.elastic(trainer, loader, batches, args)   # -n MIN:MAX: workers come and go
+        harness.elastic(trainer, loader, batches, args, schedule)   # -n MIN:MAX: workers come and go
         monitor = harness.Monitor(args, trainer, last, f"{args.model} rank {trainer.rank}")
         losses, start = [], time.perf_counter()
         for step, (x, y) in batches:

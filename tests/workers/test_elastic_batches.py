@@ -12,6 +12,7 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "workers"))
 import harness  # noqa: E402
+import disttrain as dt  # noqa: E402
 from disttrain.data import DataLoader, TensorDataset  # noqa: E402
 
 SAMPLES, BATCH = 48, 2
@@ -34,7 +35,7 @@ class FakeElastic:
 
 
 class Worker:
-    def __init__(self, rank, active, epochs, position=None, first=0):
+    def __init__(self, rank, active, epochs, position=None, first=0, schedule=None):
         self.elastic = FakeElastic(rank, active)
         trainer = SimpleNamespace(elastic=self.elastic, rank=rank)
         shards, index = harness.shard_of(trainer)
@@ -42,7 +43,8 @@ class Worker:
                                  shuffle=True, drop_last=True, seed=3, num_shards=shards,
                                  shard_index=index, prefetch=0)
         self.batches = harness.Batches(self.loader, first, math.inf, position)
-        harness.elastic(trainer, self.loader, self.batches, SimpleNamespace(epochs=epochs))
+        harness.elastic(trainer, self.loader, self.batches, SimpleNamespace(epochs=epochs),
+                        schedule)
         self.steps = iter(self.batches)
 
 
@@ -134,3 +136,29 @@ def test_no_joiner_is_let_in_after_the_last_epoch():
         next(worker.steps)
     assert worker.elastic.position_source(3) is None
     assert next(worker.steps, None) is None
+
+
+def cosine():
+    model = dt.nn.Linear(1, 1)
+    optimizer = dt.optim.SGD(model.parameters(), lr=1.0)
+    # T_max as the program plans it with 2 workers: 3 epochs of 12 steps.
+    return optimizer, dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=36)
+
+
+def test_a_cosine_schedule_follows_the_samples_dealt_so_a_joiner_has_the_others_rate():
+    (first_optimizer, first_schedule), (joiner_optimizer, joiner_schedule) = cosine(), cosine()
+    first = Worker(0, [0, 1], epochs=3, schedule=first_schedule)
+    for _ in range(3):
+        next(first.steps)
+        first_schedule.step()
+    position = first.elastic.position_source(3)       # 12 of 144 samples dealt
+    first.elastic.change([0, 1, 2])
+    joiner = Worker(2, [0, 1, 2], 3, position, position["step"], schedule=joiner_schedule)
+    rates = []
+    for _ in range(5):
+        next(first.steps), next(joiner.steps)
+        first_schedule.step(), joiner_schedule.step()
+        rates.append((first_optimizer.param_groups[0]["lr"], joiner_optimizer.param_groups[0]["lr"]))
+    assert all(a == b for a, b in rates)
+    # After 3 + 5 steps, 12 + 5 x 6 = 42 of the 144 samples: cos of that share, not of 8/36.
+    assert rates[-1][0] == pytest.approx((1 + math.cos(math.pi * 42 / 144)) / 2)
