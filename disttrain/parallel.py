@@ -153,6 +153,9 @@ class DataParallel:
             if self.checkpoints is not None:
                 self.checkpoints.learn_restored(self)
             if joining:
+                # A SIGTERM while it waits: a worker may be marking its join right now, so
+                # it still comes in, and leaves after its first step (the usual leave).
+                self.elastic.leave_on_sigterm()
                 self.clock = self.elastic.admit()
                 self._pull(list(self._params))
                 self._averaged.recover(self.clock, exact=False)
