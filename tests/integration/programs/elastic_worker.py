@@ -30,12 +30,13 @@ def main():
                         help="pace each step, so that a test can act mid-run")
     parser.add_argument("--log-dir", required=True)
     parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--mode", choices=["sync", "async", "ssp"], default="sync")
     args = parser.parse_args()
     indices = np.arange(args.samples, dtype=np.int64)
     model = nn.Linear(1, 1)
     optimizer = dt.optim.SGD(model.parameters(), lr=0.001)
     changes = []
-    with DataParallel(model, optimizer,
+    with DataParallel(model, optimizer, mode=args.mode,
                       on_membership_change=lambda old, new: changes.append([old, new])) as trainer:
         shards, index = harness.shard_of(trainer)
         loader = DataLoader(TensorDataset(indices), batch_size=args.batch_size, shuffle=True,
