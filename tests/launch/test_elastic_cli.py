@@ -3,7 +3,8 @@ and the keys made for MAX workers."""
 import pytest
 
 from launch.__main__ import parse_args, plan
-from launch.elastic import discover, parse_worker_range
+from launch.elastic import discover, host_reader, parse_worker_range
+from launch.hosts import resolve
 from launch.keys import JobKeys
 
 
@@ -62,3 +63,13 @@ def test_an_elastic_job_has_keys_for_max_workers_and_a_plain_job_none_of_the_ela
         job_keys.remove()
     _, commands = plan(parse_args(["-n", "2", "--", "prog"]), {})
     assert not [c for c in commands if "DISTTRAIN_MAX_WORKERS" in c.env]
+
+
+def test_the_hostfile_is_read_again_each_time_the_launcher_looks(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1\n")
+    read = host_reader(parse_args(["-n", "1:4", "--hostfile", str(hostfile), "--", "prog"]))
+    assert [(host.name, slots) for host, slots in read()] == [("a", 1)]
+    hostfile.write_text("a slots=1\nb slots=2 addr=10.0.0.2\n")
+    assert [(host.name, host.address, slots) for host, slots in read()] == \
+        [("a", resolve("a"), 1), ("b", "10.0.0.2", 2)]
