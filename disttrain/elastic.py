@@ -45,8 +45,11 @@ class JobEnded(SystemExit):
 class WorkerElastic:
     """Who is in the job, as this worker knows it; the marks of its pushes; its leave."""
 
-    def __init__(self, trainer, on_change=None):
+    def __init__(self, trainer, on_change=None, min_workers=1, wait_s=60.0):
         self.trainer = trainer
+        # Below min_workers the workers pause after their step until joiners registered,
+        # for at most wait_s (DISTTRAIN_RESTART_TIMEOUT, else DISTTRAIN_TIMEOUT).
+        self.min_workers, self.wait_s = min_workers, wait_s
         self.callbacks = [on_change] if on_change is not None else []
         self.active = [r for r, entry in enumerate(trainer._membership.book["worker"]) if entry]
         self.spans = [[rank, 0, None] for rank in self.active]
@@ -119,6 +122,28 @@ class WorkerElastic:
             return
         if now != self.active:
             self._changed(now, clock + 1)
+        if len(now) < self.min_workers:
+            self._wait_for_workers(len(now))
+
+    def _wait_for_workers(self, count):
+        """Below MIN: pause until enough workers registered to join (the first worker lets
+        them in at its next step), or fail after wait_s naming the cause."""
+        membership = self.trainer._membership
+        _say(f"worker {self.trainer.rank}: {count} worker(s) in the job, below the minimum of "
+             f"{self.min_workers}; waiting up to {self.wait_s:g} s for workers to join")
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            self._take_notices()
+            if count + len(self.waiting) >= self.min_workers or self.leaving:
+                return
+            membership.check()   # a dead peer ends the wait (PeerDied)
+            if membership.shutdown.is_set():
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"worker {self.trainer.rank}: {count} worker(s) in the job, "
+                                   f"below the minimum of {self.min_workers}, and none joined "
+                                   f"within {self.wait_s:g} s")
+            time.sleep(0.05)
 
     def _changed(self, now, clock):
         old, self.active = self.active, now

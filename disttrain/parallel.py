@@ -119,7 +119,9 @@ class DataParallel:
             book = self._membership.register(rank=settings.rank)
             self.rank, self.num_workers = self._membership.rank, len(book["worker"])
             if self._membership.elastic:
-                self.elastic = elastic.WorkerElastic(self, self._on_membership_change)
+                self.elastic = elastic.WorkerElastic(
+                    self, self._on_membership_change, settings.min_workers or 1,
+                    settings.restart_timeout or settings.timeout)
                 self.num_workers = len(self.elastic.active)
             self.num_servers = len(book["server"])
             self._store = client.KVStore(book, self.rank, self._membership,

@@ -129,5 +129,30 @@ def test_below_min_workers_the_job_waits_the_restart_timeout_then_fails_naming_t
     assert wait_for_no_tagged(tag) == []
 
 
+def test_below_min_workers_the_others_pause_until_a_worker_comes_back_and_no_sample_is_lost(
+        launch_run, tmp_path):
+    tag, logs, hosts = new_tag(), tmp_path / "logs", Hosts(tmp_path, 2)
+    run = launch_run(elastic_argv("2:2", hosts, logs, tag, epochs=3), tag)
+    wait_until(lambda: sum(s["rank"] == 1 for s in steps(logs)) >= 3, 60, "worker 1 to train")
+    hosts.set(1)
+    leaver = pid_of(logs, 1)
+    os.kill(leaver, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{leaver}") or
+               open(f"/proc/{leaver}/stat").read().rsplit(")", 1)[1].split()[0] == "Z",
+               60, "the leaver to exit")
+    hosts.set(2)   # a slot again: a new worker 1 starts and joins
+    assert run.finish() == 0, run.stderr
+    assert "launch: 1 worker(s) in the job, below the minimum of 2; waiting up to" in run.stderr
+    assert "worker 0: 1 worker(s) in the job, below the minimum of 2; waiting" in run.stderr
+    assert "launch: worker 1 joined on host localhost\n" in run.stderr
+    # Worker 0 paused until the new worker 1 registered; alone it trained only the steps
+    # that let it in: the one whose pushes mark the join, and at most one more to reach a
+    # step from which the rest of the epoch splits evenly over 2 (positions move by 2 alone).
+    assert 1 <= sum(s["workers"] == 1 for s in steps(logs)) <= 2
+    assert len({s["pid"] for s in steps(logs) if s["rank"] == 1}) == 2
+    assert_every_sample_once_per_epoch(logs, 3)
+    assert wait_for_no_tagged(tag) == []
+
+
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-v"]))
