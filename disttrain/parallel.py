@@ -79,6 +79,12 @@ class DataParallel:
 
     ``checkpoints``: a ``checkpoint_dist.Checkpoints``; rank 0 then loads the newest usable
     checkpoint into the servers right after init, before anyone pulls.
+
+    In an elastic job (launch -n MIN:MAX) ``self.elastic`` follows who is in the job: SIGTERM
+    makes this worker leave after its step, a new worker waits to be let in, and
+    ``on_membership_change(old_count, new_count)`` is called on every worker at the clock the
+    count changes (rescale the learning rate there: docs/elastic.md). ``num_workers`` is the
+    number in the job now.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
