@@ -1,5 +1,7 @@
 """-n MIN:MAX (elastic jobs): parsing, how many workers start, what every process learns,
 and the keys made for MAX workers."""
+import json
+
 import pytest
 
 from launch.__main__ import parse_args, plan
@@ -73,3 +75,37 @@ def test_the_hostfile_is_read_again_each_time_the_launcher_looks(tmp_path):
     hostfile.write_text("a slots=1\nb slots=2 addr=10.0.0.2\n")
     assert [(host.name, host.address, slots) for host, slots in read()] == \
         [("a", resolve("a"), 1), ("b", "10.0.0.2", 2)]
+
+
+class FakeJob:
+    def __init__(self):
+        self.added = []
+
+    def add_child(self, process, command):
+        self.added.append((process, command))
+        return process
+
+
+def test_a_new_worker_over_ssh_gets_the_remote_command_its_rank_and_only_its_own_secret_key(
+        tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("a slots=1 addr=10.0.0.1\nb slots=1 addr=10.0.0.2\n")
+    args = parse_args(["-n", "1:3", "--hostfile", str(hostfile), "--port", "29500", "--",
+                       "prog"])
+    job_keys, job = JobKeys(), FakeJob()
+    try:
+        processes, _ = plan(args, {}, job_keys)
+        assert [p.rank for p in processes if p.role == "worker"] == [0, 1]
+        host = next(h for h, _ in host_reader(args)() if h.name == "b")
+        process = args.start_worker(job, 2, host, 1)
+        [(_, command)] = job.added
+        assert (process.rank, process.env["DISTTRAIN_RANK"], process.env["DISTTRAIN_HOST"]) == \
+            (2, "2", "10.0.0.2")
+        assert command.argv[:-1] == ["ssh", "-o", "BatchMode=yes", "b"]
+        assert "DISTTRAIN_RANK=2 " in command.argv[-1]
+        assert "DISTTRAIN_MAX_WORKERS=3 " in command.argv[-1]
+        files = json.loads(command.stdin_data)["files"]
+        secrets = [name for name in files if name.endswith(".key_secret")]
+        assert secrets == ["worker-2.key_secret"]
+    finally:
+        job_keys.remove()
