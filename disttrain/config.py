@@ -34,11 +34,20 @@ class Config:
     restart_timeout: float = None   # DISTTRAIN_RESTART_TIMEOUT, s
     incarnation: int = 0         # DISTTRAIN_INCARNATION: restarts of this process so far
     server_replicas: int = 0     # DISTTRAIN_SERVER_REPLICAS (launch --server-replicas): 0 | 1
+    # Elastic membership (launch -n MIN:MAX sets both): workers may join and leave mid-run;
+    # DISTTRAIN_NUM_WORKERS is then the number the job starts with.
+    min_workers: int = None      # DISTTRAIN_MIN_WORKERS
+    max_workers: int = None      # DISTTRAIN_MAX_WORKERS: ranks 0..MAX-1 exist (keys, book)
 
     @property
     def recovery(self):
         """True when a dead process is replaced (launch --max-restarts N, N > 0)."""
         return self.restart_timeout is not None
+
+    @property
+    def elastic(self):
+        """True when workers may join and leave (launch -n MIN:MAX)."""
+        return self.max_workers is not None
 
     def required(self, name):
         """The value of field `name`; unset, the ConfigError its parser gives ''."""
@@ -114,7 +123,7 @@ _PARSERS = {"role": _role, "scheduler": _address, "num_workers": _count,
             "heartbeat_timeout": _seconds, "timeout": _seconds, "realtime": _flag,
             "keys": _text, "insecure": _flag, "metrics_dir": _text, "observe": _observed,
             "progress": _flag, "restart_timeout": _seconds, "incarnation": _count,
-            "server_replicas": _count}
+            "server_replicas": _count, "min_workers": _count, "max_workers": _count}
 
 
 def from_env(environ=None):

@@ -5,7 +5,7 @@ import time
 
 import numpy as np
 
-from disttrain import backend, config
+from disttrain import backend, config, elastic
 from disttrain.buffer_average import BufferAverage
 from disttrain.observe.steps import StepTimer
 from disttrain.observe.trace import Tracer
@@ -79,10 +79,17 @@ class DataParallel:
 
     ``checkpoints``: a ``checkpoint_dist.Checkpoints``; rank 0 then loads the newest usable
     checkpoint into the servers right after init, before anyone pulls.
+
+    In an elastic job (launch -n MIN:MAX) ``self.elastic`` follows who is in the job: SIGTERM
+    makes this worker leave after its step, a new worker waits to be let in, and
+    ``on_membership_change(old_count, new_count)`` is called on every worker at the clock the
+    count changes (rescale the learning rate there: docs/elastic.md). ``num_workers`` is the
+    number in the job now.
     """
 
     def __init__(self, model, optimizer, mode="sync", staleness=0, overlap=True,
-                 bucket_bytes=BUCKET_BYTES, metrics_dir=None, checkpoints=None):
+                 bucket_bytes=BUCKET_BYTES, metrics_dir=None, checkpoints=None,
+                 on_membership_change=None):
         if mode not in protocol.MODES:
             raise ValueError(f"DataParallel: mode {mode!r} is not one of {protocol.MODES}")
         if not (isinstance(staleness, int) and staleness >= 0):
@@ -102,6 +109,10 @@ class DataParallel:
         self.is_distributed = settings.role == "worker"
         # A replacement of a dead worker (ps-lite's is_recovery): the clock it resumed at.
         self.recovered_clock = None
+        # Elastic jobs (launch -n MIN:MAX): a disttrain.elastic.WorkerElastic; the callback
+        # gets (old, new) worker counts when workers join or leave (see disttrain/elastic.py).
+        self.elastic = None
+        self._on_membership_change = on_membership_change
         self._closed = False
         self.timer = StepTimer()   # the time split of each step (disttrain.observe.steps)
         if self.is_distributed:
@@ -113,6 +124,11 @@ class DataParallel:
         try:
             book = self._membership.register(rank=settings.rank)
             self.rank, self.num_workers = self._membership.rank, len(book["worker"])
+            if self._membership.elastic:
+                self.elastic = elastic.WorkerElastic(
+                    self, self._on_membership_change, settings.min_workers or 1,
+                    settings.restart_timeout or settings.timeout)
+                self.num_workers = len(self.elastic.active)
             self.num_servers = len(book["server"])
             self._store = client.KVStore(book, self.rank, self._membership,
                                          self._membership.timeout)
@@ -134,7 +150,8 @@ class DataParallel:
             replica = settings.server_replicas and self.num_servers > 1
             if self.rank == 0 and settings.recovery and not replica:
                 self._store.on_server_restarted = self._reinit_server   # no replica to fetch
-            if self.rank == 0 and not replacing:
+            joining = self._membership.join   # elastic: a new worker of a running job
+            if self.rank == 0 and not replacing and not joining:
                 self._store.init({**{n: backend.to_numpy(p.data) for n, p in self._params.items()},
                                   **self._averaged.initial()},
                                  self.optimizer.config(), self.mode, self.staleness,
@@ -142,11 +159,18 @@ class DataParallel:
                                  recovery=settings.recovery and self.mode == "sync")
                 if self.checkpoints is not None:   # servers load a checkpoint, if there is one
                     self.checkpoints.restore_servers(self)
-            if not replacing:
+            if not replacing and not joining:
                 self._membership.barrier("worker")
             if self.checkpoints is not None:
                 self.checkpoints.learn_restored(self)
-            if replacing:
+            if joining:
+                # A SIGTERM while it waits: a worker may be marking its join right now, so
+                # it still comes in, and leaves after its first step (the usual leave).
+                self.elastic.leave_on_sigterm()
+                self.clock = self.elastic.admit()
+                self._pull(list(self._params))
+                self._averaged.recover(self.clock, exact=False)
+            elif replacing:
                 self._recover()
             else:
                 self._pull(list(self._params))   # every worker starts from rank 0's
@@ -154,6 +178,8 @@ class DataParallel:
             self._membership.close()
             raise
         self._pending, self._pulled = [], []   # handles; {name: pull target} per pushpull
+        if self.elastic is not None:
+            self.elastic.leave_on_sigterm()
         if self.overlap:
             for p in self._params.values():
                 p.register_post_accumulate_grad_hook(self._on_grad_ready)
@@ -248,6 +274,8 @@ class DataParallel:
         written into the pull targets when step() waits for it."""
         started = time.perf_counter()
         bucket.pushed = True
+        if self.elastic is not None:   # this clock's "leave" / "join" marks
+            self._store.marks = self.elastic.marks(self.clock)
         lr = self.optimizer.param_groups[self._lr_group.get(id(bucket.params[0]), 0)]["lr"]
         if bucket.names[0] in self._sparse:   # its rows are pulled by the next forward
             self._pending.append(self._store.push_async(bucket.gradients(), self.clock, lr))
@@ -301,6 +329,8 @@ class DataParallel:
         for targets in pulled:
             self._store_pulled(targets)
         self._averaged.receive()
+        if self.elastic is not None:
+            self.elastic.after_step(self.clock - 1)
         self.timer.add("apply", waited, time.perf_counter())
         self.timer.step_done()
 
@@ -321,7 +351,7 @@ class DataParallel:
                 # Leave the model complete for evaluation or saving after close().
                 if self._sparse:
                     self._pull(list(self._sparse))
-                self._membership.goodbye()
+                self._membership.goodbye(leave=self.elastic is not None and self.elastic.left)
         finally:
             self._closed = True
             self.timer.close()

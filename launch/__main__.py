@@ -2,11 +2,12 @@
 options, places the processes on hosts and runs the job with the chosen back end."""
 
 import argparse
+import dataclasses
 import os
 import shlex
 import sys
 
-from launch import keys, local, slurm, ssh
+from launch import elastic, keys, local, slurm, ssh
 from launch.observe import Collector
 from launch.hosts import parse_host_list, read_hostfile
 from launch.lifecycle import STOP_GRACE_S, Job
@@ -29,9 +30,14 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m launch", description=__doc__, epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-n", "--num-workers", type=int,
+    parser.add_argument("-n", "--num-workers",
                         help="workers (default: one per CPU core, per GPU with --device gpu, "
-                             "or the hosts' slots)")
+                             "or the hosts' slots); MIN:MAX: an elastic job of MIN to MAX "
+                             "workers, started with as many as the slots allow")
+    parser.add_argument("--host-discovery-script", metavar="FILE",
+                        help="elastic (-n MIN:MAX): a program printing `host:slots` lines, run "
+                             "every few seconds; workers start on new slots (a local job puts "
+                             "all the slots on this host)")
     parser.add_argument("-s", "--num-servers", type=int, default=1, help="servers (default 1)")
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", help="host[:slots][@address],... (implies --launcher ssh)")
@@ -81,8 +87,19 @@ def parse_args(argv):
         args.command = args.command[1:]
     if not args.command:
         parser.error("no worker command given (put it after --)")
+    args.min_workers = args.max_workers = None
+    if args.num_workers is not None:
+        try:
+            low, high, kind = elastic.parse_worker_range(args.num_workers)
+        except ValueError as error:
+            parser.error(str(error))
+        args.num_workers = low
+        if kind:
+            args.min_workers, args.max_workers = low, high
     if args.num_workers is not None and args.num_workers < 1:
         parser.error(f"-n {args.num_workers}: need at least one worker")
+    if args.host_discovery_script and args.max_workers is None:
+        parser.error("--host-discovery-script is for elastic jobs: give -n MIN:MAX")
     if args.num_servers < 1:
         parser.error(f"-s {args.num_servers}: need at least one server")
     if args.max_restarts < 0:
@@ -108,6 +125,11 @@ def plan(args, environ, job_keys=None):
     keys.JobKeys, gets the job's fresh keys (its directory is the caller's to remove);
     without it processes get no keys, with --insecure DISTTRAIN_INSECURE=1."""
     ps_command = shlex.split(args.ps_command)
+    if args.max_workers is not None:   # elastic: start with what the slots allow
+        slots = sum(n for _, n in elastic.host_reader(args, "localhost")())
+        if not slots and args.launcher == "local":   # no hosts named: this machine's
+            slots = local.gpu_count() if args.device == "gpu" else local.cpu_count()
+        args.num_workers = max(args.min_workers, min(args.max_workers, slots or args.min_workers))
     if args.launcher == "local":
         default = local.gpu_count() if args.device == "gpu" else local.cpu_count()
         num_workers = args.num_workers or default
@@ -122,6 +144,10 @@ def plan(args, environ, job_keys=None):
             hosts = slurm.slurm_hosts(environ)
             template = slurm.SRUN_TEMPLATE
             default = slurm.slurm_worker_count(environ, hosts)
+        elif args.host_discovery_script and not (args.hosts or args.hostfile):
+            hosts = elastic.discover(args.host_discovery_script)
+            template = args.remote_cmd
+            default = sum(host.slots for host in hosts)
         else:
             hosts = parse_host_list(args.hosts) if args.hosts else read_hostfile(args.hostfile)
             template = args.remote_cmd
@@ -137,6 +163,9 @@ def plan(args, environ, job_keys=None):
         # sends its trace events too, both as marked lines of its output.
         process.env["DISTTRAIN_OBSERVE"] = "report,trace" if args.timeline else "report"
         process.env.update(recovery_environment(args))
+        if args.max_workers is not None:
+            process.env.update(DISTTRAIN_MIN_WORKERS=str(args.min_workers),
+                               DISTTRAIN_MAX_WORKERS=str(args.max_workers))
     if args.bind:
         # Pinned workers cannot step aside for a server thread woken on their core; a
         # real-time server preempts them at once (see use_realtime_priority, disttrain/ps/__main__.py).
@@ -144,13 +173,32 @@ def plan(args, environ, job_keys=None):
             if process.role == "server":
                 process.env["DISTTRAIN_REALTIME"] = "1"
     keys_lines = give_keys(args, processes, job_keys)
-    if args.launcher == "local":
-        commands = [local.local_command(process, args.bind) for process in processes]
-    else:
-        commands = [ssh.ssh_command(process, template, args.grace, args.bind,
-                                    keys_line=keys_lines.get(process.name, b""))
-                    for process in processes]
+    def command_for(process, keys_line=b""):
+        if args.launcher == "local":
+            return local.local_command(process, args.bind)
+        return ssh.ssh_command(process, template, args.grace, args.bind, keys_line=keys_line)
+
+    commands = [command_for(process, keys_lines.get(process.name, b"")) for process in processes]
+    if args.max_workers is not None:
+        args.start_worker = new_worker_starter(args, processes, command_for, job_keys)
     return processes, commands
+
+
+def new_worker_starter(args, processes, command_for, job_keys):
+    """Elastic: start_worker(job, rank, host, local_index) for launch.elastic.Elastic, a
+    worker like the first ones (same command and contract environment) on a new slot."""
+    template = next(p for p in processes if p.role == "worker")
+
+    def start_worker(job, rank, host, local_index):
+        process = dataclasses.replace(template, rank=rank, host=host, local_index=local_index,
+                                      env=dict(template.env, DISTTRAIN_RANK=str(rank),
+                                               DISTTRAIN_HOST=host.address))
+        if args.device == "gpu":
+            process.env["DISTTRAIN_DEVICE"] = f"cuda:{local_index}"
+        keys_line = job_keys.stdin_line(process) if (args.launcher == "ssh" and job_keys
+                                                     and not args.insecure) else b""
+        return job.add_child(process, command_for(process, keys_line))
+    return start_worker
 
 
 def recovery_environment(args):
@@ -175,7 +223,7 @@ def give_keys(args, processes, job_keys):
         return {}
     if job_keys is None:
         return {}
-    job_keys.make(sum(p.role == "worker" for p in processes),
+    job_keys.make(args.max_workers or sum(p.role == "worker" for p in processes),
                   sum(p.role == "server" for p in processes))
     if args.launcher == "ssh":
         return {process.name: job_keys.stdin_line(process) for process in processes}
@@ -201,8 +249,15 @@ def main(argv=None):
             print(error if str(error).startswith("launch:") else f"launch: {error}",
                   file=sys.stderr)
             return 2
+        watcher = None
+        if args.max_workers is not None:
+            watcher = elastic.Elastic(args.min_workers, args.max_workers,
+                                      elastic.host_reader(args, "localhost" if args.launcher ==
+                                                          "local" else None),
+                                      args.start_worker, args.restart_timeout)
         return Job(processes, commands, log_dir=args.log_dir, grace_s=args.grace,
-                   collector=Collector(args.timeline), max_restarts=args.max_restarts).run()
+                   collector=Collector(args.timeline), max_restarts=args.max_restarts,
+                   elastic=watcher).run()
     finally:
         job_keys.remove()
 

@@ -188,9 +188,10 @@ class Job:
     us (128+N). `max_restarts` (--max-restarts) is the job-wide budget of restarts."""
 
     def __init__(self, processes, commands, log_dir=None, grace_s=STOP_GRACE_S, collector=None,
-                 max_restarts=0):
+                 max_restarts=0, elastic=None):
         self.children = [Child(process, command) for process, command in zip(processes, commands)]
         self.max_restarts = max_restarts
+        self.elastic = elastic   # a launch.elastic.Elastic (-n MIN:MAX): workers come and go
         self.restarts = 0
         self.log_file_of = {}  # process name -> its --log-dir file, which a replacement continues
         self.collector = collector  # a launch.observe.Collector: timeline and reports
@@ -218,6 +219,8 @@ class Job:
                 self._check_signal()
                 self._check_unresponsive()
                 self._check_exits()
+                if self.elastic is not None:
+                    self.elastic.check(self)
                 self._check_preempted_workers()
                 self._check_kill_deadline()
         finally:
@@ -262,6 +265,16 @@ class Job:
                 self.log_file_of[child.name] = log_file
             if not self._start(child):
                 return
+
+    def add_child(self, process, command):
+        """Starts one more process (elastic: a worker on a new slot); its Child, or None."""
+        child = Child(process, command)
+        if self.log_dir and child.name not in self.log_file_of:
+            log_file = open(os.path.join(self.log_dir, child.name.replace(" ", "-") + ".log"), "ab")
+            self.log_files.append(log_file)
+            self.log_file_of[child.name] = log_file
+        self.children.append(child)
+        return child if self._start(child) else None
 
     def _start(self, child):
         try:

@@ -22,6 +22,7 @@ class Collector:
         self.traces = {}     # process name -> {"base": seconds, "events": [...]}
         self.reports = {}    # process name -> its report
         self.unresponsive = []   # (reporter, role, rank, why, silent_s) not yet taken
+        self.left = set()        # names of workers that left an elastic job gracefully
 
     def take(self, name, line):
         """True if `line` (bytes, no newline) was an observe message and is taken."""
@@ -41,6 +42,8 @@ class Collector:
                 track["events"] += events
         elif message["kind"] == "report":
             self.reports[name] = message
+        elif message["kind"] == "left" and name.startswith("worker"):
+            self.left.add(name)
         elif message["kind"] == "unresponsive":
             # Each node is watched by whom it heartbeats with: workers and servers by the
             # scheduler, the scheduler by them (its replies stop). Other reports are dropped.

@@ -238,6 +238,14 @@ def resume(saved, trainer, model, optimizer, schedule=None, loader=None):
     sees exactly the samples its predecessor would have. The library RNG is not recovered:
     it starts from the seed (or the checkpoint's state) again."""
     position = saved.resume(trainer, model, optimizer, schedule) if saved is not None else None
+    joined = getattr(trainer, "elastic", None) and trainer.elastic.position
+    if joined:   # a worker that joined an elastic job: where the worker letting it in was
+        if schedule is not None:
+            for _ in range(joined["step"]):
+                schedule.step()
+        print(f"disttrain: worker {trainer.rank} joins at step {joined['step']} (epoch "
+              f"{joined['epoch']}, sample {joined['start']} of it)", file=sys.stderr, flush=True)
+        return dict(joined)
     clock = getattr(trainer, "recovered_clock", None)
     if clock is None:
         return position
@@ -292,15 +300,26 @@ class Batches:
 
     def __init__(self, loader, first_step, last_step, position=None):
         self.loader, self.first, self.last = loader, first_step, last_step
+        # Elastic jobs (see `elastic` below): stop at this epoch rather than at a step
+        # count (steps per epoch change with the workers), or when `until()` says so.
+        self.end_epoch, self.until = None, None
+        self.next_step = first_step   # the step after the last yielded one
         if position is None:
             epoch, skip = divmod(first_step, len(loader))
             position = {"epoch": epoch, "start": skip * loader.batch_size * loader.num_shards}
         self.position = {"epoch": position["epoch"], "start": position["start"], "epoch_end": False}
 
+    def _done(self):
+        return (self.until is not None and self.until()) or \
+            (self.end_epoch is not None and self.position["epoch"] >= self.end_epoch)
+
     def __iter__(self):
         loader, step = self.loader, self.first
-        per_batch = loader.batch_size * loader.num_shards
-        while step < self.last:
+        while step < self.last and not self._done():
+            # Elastic: the loader is re-split when the workers change; the rest of the
+            # epoch is dealt over the new ones from the global position reached.
+            split = (loader.num_shards, loader.shard_index)
+            per_batch = loader.batch_size * loader.num_shards
             epoch, start = self.position["epoch"], self.position["start"]
             left = len(loader.shard_indices(epoch, start))
             count = left // loader.batch_size if loader.drop_last else -(-left // loader.batch_size)
@@ -314,15 +333,84 @@ class Batches:
                 self.position = {"epoch": epoch + 1 if end else epoch,
                                  "start": 0 if end else start + (index + 1) * per_batch,
                                  "epoch_end": end}
+                self.next_step = step + 1
                 yield step, batch
                 step += 1
+                if self._done() or split != (loader.num_shards, loader.shard_index):
+                    break
             if count == 0:
                 self.position = {"epoch": epoch + 1, "start": 0, "epoch_end": False}
 
 
+def shard_of(trainer):
+    """(num_shards, shard_index) of this worker's part of the data: its rank among the
+    workers, or in an elastic job its place among those in the job now."""
+    if getattr(trainer, "elastic", None) is not None:
+        return trainer.elastic.shard()
+    return trainer.num_workers, trainer.rank
+
+
+def elastic(trainer, loader, batches, args, schedule=None):
+    """Hooks an elastic job's worker (launch -n MIN:MAX) to its data: the loader is re-split
+    whenever workers join or leave; the run stops at the end of epoch ceil(--epochs) (steps
+    per epoch change with the workers) or when this worker has left (SIGTERM); a worker that
+    is first in the job lets waiting joiners in at the next step from which the rest of the
+    epoch splits evenly over the new count (else at the epoch's end), handing them the data
+    position, so a join leaves no sample out. A `schedule` with a T_max (cosine) follows the
+    share of the run's samples dealt rather than the step count, which changes with the
+    workers: every worker, joiners included, then has the same rate at the same clock.
+    Nothing happens outside an elastic job."""
+    if getattr(trainer, "elastic", None) is None:
+        return
+    state = trainer.elastic
+
+    def reshard(old, new):
+        loader.num_shards, loader.shard_index = state.shard()
+
+    def boundary(workers):   # the position after this step, if `workers` can start there
+        position = batches.position
+        if position["epoch"] >= batches.end_epoch:
+            return None
+        if position["epoch_end"] or splits_evenly(loader, position["epoch"], position["start"],
+                                                  workers):
+            return {"step": batches.next_step, "epoch": position["epoch"],
+                    "start": position["start"]}
+        return None
+
+    state.callbacks.append(reshard)
+    state.position_source = boundary
+    batches.end_epoch = math.ceil(args.epochs)
+    batches.last = math.inf
+    batches.until = lambda: state.left
+    if schedule is not None and hasattr(schedule, "T_max"):
+        by_steps = schedule.step
+
+        def by_samples():
+            position = batches.position
+            done = (position["epoch"] + position["start"] / len(loader.dataset)) / batches.end_epoch
+            schedule.last_epoch = done * schedule.T_max - 1
+            by_steps()
+        schedule.step = by_samples
+        by_samples()   # the rate of the first step from here (a joiner's, mid-run)
+
+
+def splits_evenly(loader, epoch, start, shards):
+    """True when the rest of `epoch` from global position `start` deals into whole batches
+    over `shards` workers with no sample left out."""
+    saved = loader.num_shards, loader.shard_index
+    loader.num_shards, loader.shard_index = shards, 0
+    try:
+        left = len(loader.shard_indices(epoch, start))
+    finally:
+        loader.num_shards, loader.shard_index = saved
+    return left % loader.batch_size == 0 and left * shards == len(loader.dataset) - start
+
+
 def summary(args, trainer, model_name, **fields):
-    """Rank 0 prints the JSON summary as its last stdout line, and writes it to --metrics."""
-    if trainer.rank != 0:
+    """Rank 0 prints the JSON summary as its last stdout line, and writes it to --metrics
+    (in an elastic job: the first worker still in the job; none from one that left)."""
+    state = getattr(trainer, "elastic", None)
+    if (trainer.rank != 0 if state is None else (state.left or trainer.rank != state.active[0])):
         return None
     line = {"model": model_name, "epochs": args.epochs, "workers": trainer.num_workers,
             "servers": trainer.num_servers,

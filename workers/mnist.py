@@ -136,15 +136,17 @@ def main(argv=None):
     saved = harness.checkpoints(args)
     with DataParallel(model, optimizer, mode=args.mode, staleness=args.staleness,
                       metrics_dir=args.servers_metrics_dir, checkpoints=saved) as trainer:
+        shards, shard_index = harness.shard_of(trainer)
         loader = DataLoader(TensorDataset(x_train, y_train), batch_size=args.batch_size, shuffle=True,
-                            drop_last=True, seed=args.seed, num_shards=trainer.num_workers,
-                            shard_index=trainer.rank)
+                            drop_last=True, seed=args.seed, num_shards=shards,
+                            shard_index=shard_index)
         last = harness.total_steps(loader, args)
         # Decaying the rate to zero over the run is worth ~1% test accuracy after one epoch.
         schedule = dt.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=harness.planned_steps(loader, args))
         position = harness.resume(saved, trainer, model, optimizer, schedule, loader)
         first = position["step"] if position else 0
         batches = harness.Batches(loader, first, last, position)
+        harness.elastic(trainer, loader, batches, args, schedule)   # -n MIN:MAX: workers come and go
         monitor = harness.Monitor(args, trainer, last, f"{args.model} rank {trainer.rank}")
         losses, start = [], time.perf_counter()
         for step, (x, y) in batches:
@@ -164,6 +166,7 @@ def main(argv=None):
                 monitor.close()
                 return harness.PREEMPTED_EXIT
         wall = time.perf_counter() - start
+        last = batches.next_step   # an elastic job's run ends at an epoch, not a step count
         trained = (last - first) * args.batch_size * trainer.num_workers
         test_accuracy = accuracy(model, x_test, y_test, args)
         monitor.evaluation(last, test_accuracy=test_accuracy)

@@ -10,6 +10,7 @@ from collections import Counter
 
 from disttrain.observe import channel, jsonl
 from disttrain.observe.trace import Tracer
+from disttrain.ps import elastic
 
 WINDOW_S = 1.0
 MAX_DIR_CHARS = 4096
@@ -100,7 +101,8 @@ class ServerObserver:
             return
         times = self.arrived.setdefault(clock, {})
         times[rank] = now
-        if len(times) < self.state.num_workers:
+        if len(times) < (elastic.expected(self.state, clock) if type(clock) is int
+                         else self.state.num_workers):   # elastic: the workers at that clock
             return
         del self.arrivals[clock], self.arrived[clock]
         order = sorted(times, key=times.get)

@@ -57,7 +57,8 @@ def main():
                                            timeout=settings.timeout,
                                            credentials=credentials,
                                            incarnation=settings.incarnation,
-                                           restart_timeout=settings.restart_timeout).run()
+                                           restart_timeout=settings.restart_timeout,
+                                           max_workers=settings.max_workers).run()
             finally:
                 auth.stop_authenticator()   # its ZAP socket would keep term() waiting
                 transport.context().term()  # waits for the lingering dead / shutdown notices

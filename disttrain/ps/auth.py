@@ -253,7 +253,7 @@ class ServerCurve:
         names = {}
         for role in self.accept:
             for entry in book.get(role, ()):
-                if (entry.get("hostname"), entry.get("netns")) == tuple(here) and "pid" in entry:
+                if entry and (entry.get("hostname"), entry.get("netns")) == tuple(here) and "pid" in entry:
                     names.setdefault(entry["pid"], []).append(key_name(role, entry["rank"]))
         self.local_peers = {pid: found[0] if len(found) == 1 else "several members of this job"
                             for pid, found in names.items()}

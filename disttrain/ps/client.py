@@ -56,6 +56,8 @@ class Handle:
         if type(asked) is int and (self.store.checkpoint_clock is None or
                                    asked < self.store.checkpoint_clock):
             self.store.checkpoint_clock = asked
+        if reply.meta.get("members") is not None:   # elastic: who counts at which clock
+            self.store.members = reply.meta["members"]
         if reply.op == "error":
             self.errors.append(f"{reply.sender}: {reply.meta.get('error')}")
         elif self.on_reply is not None:
@@ -114,6 +116,8 @@ class KVStore:
         self.sender = f"worker-{rank}"
         self.ask_checkpoint = False     # pushes say "checkpoint after this clock" (preempted)
         self.checkpoint_clock = None    # the first such clock any worker asked for
+        self.marks = {}                 # elastic: "leave" / "join" marks of this clock's pushes
+        self.members = None             # elastic: the servers' latest spans (ps/elastic.py)
         self.bytes_sent = self.bytes_received = 0   # payload bytes, for the metrics files
 
     def _connect(self, server_rank, server):
@@ -322,6 +326,8 @@ class KVStore:
         meta = {"clock": int(clock), "lr": float(lr), "rank": self.rank}
         if self.ask_checkpoint:
             meta["checkpoint"] = int(clock)
+        if self.marks:
+            meta.update(self.marks)
         return meta
 
     def request(self, op, meta, servers=None):

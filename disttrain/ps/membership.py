@@ -75,6 +75,10 @@ class Membership:
         self._seen_incarnation = None       # the latest heartbeat reply's, before registering
         self._rejoin = None                 # (incarnation, request id, sent at) in flight
         self._rejoins = 0   # +1 per rejoin (or lost registration): the main thread re-sends
+        # Elastic membership (launch -n MIN:MAX; disttrain/elastic.py, ps/elastic.py).
+        self.elastic = False      # the job lets workers join and leave
+        self.join = False         # we registered as a joiner of a running job
+        self.joining = []         # worker ranks that registered to join, in notice order
 
     @classmethod
     def from_config(cls, role, settings, **kwargs):
@@ -138,6 +142,8 @@ class Membership:
                               rank=rank, **self._registration)
         self.rank = reply.meta["rank"]
         self.recovery = reply.meta.get("recovery") is True
+        self.elastic = reply.meta.get("elastic") is True
+        self.join = reply.meta.get("join") is True
         self.book = reply.meta["book"]
         # After the rank (the heartbeat thread reads both). Every register reply names its
         # scheduler; where one would not, the one heard last answered it.
@@ -147,8 +153,16 @@ class Membership:
     def barrier(self, group="worker"):
         self._request("barrier", f"barrier of group {group!r}", group=group)
 
-    def goodbye(self):
-        self._request("goodbye", "goodbye to the scheduler")
+    def goodbye(self, leave=False):
+        """leave=True (elastic): this worker leaves a job that goes on without it."""
+        if leave:
+            self._request("goodbye", "goodbye to the scheduler", leave=True)
+        else:
+            self._request("goodbye", "goodbye to the scheduler")
+
+    def joined(self):
+        """A joiner was let in (elastic): the job now waits for its goodbye too."""
+        self._request("joined", "joined, to the scheduler")
 
     def _start_heartbeats(self):
         self._beats = threading.Thread(target=self._heartbeat_loop, daemon=True,
@@ -211,6 +225,9 @@ class Membership:
         if notice.op == "book" and isinstance(notice.meta.get("book"), dict):
             self.book = notice.meta["book"]
             self.book_version += 1
+            if type(notice.meta.get("join")) is int:   # elastic: a new worker
+                self.joining.append(notice.meta["join"])
+                return False
             _say(f"{notice.meta.get('role')} {notice.meta.get('rank')} was replaced; "
                  f"{self.role} {self.rank} carries on")
         elif notice.op == "error" and str(notice.meta.get("error", "")).startswith("replaced"):

@@ -26,8 +26,9 @@ VERSION = 1
 # Requests answered by servers, requests answered by the scheduler, and notifications.
 SERVER_OPS = ("init", "push", "pull", "pushpull", "checkpoint", "restore", "restored",
               "recover", "stats",   # ps/recovery.py
-              "replicate", "fetch_replica")   # server to server (ps/replica.py)
-SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye")
+              "replicate", "fetch_replica",   # server to server (ps/replica.py)
+              "joined")             # ps/elastic.py
+SCHEDULER_OPS = ("register", "barrier", "heartbeat", "goodbye", "joined")
 NOTICE_OPS = ("reply", "error", "dead", "shutdown", "book")
 OPS = SERVER_OPS + SCHEDULER_OPS + NOTICE_OPS
 

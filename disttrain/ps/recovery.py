@@ -7,6 +7,7 @@ import sys
 import time
 from collections import deque
 
+from disttrain.ps import elastic
 from disttrain.ps.protocol import Message, RequestError
 
 
@@ -140,7 +141,8 @@ def say_counts(state, stream=None):
     text = f"disttrain: server {state.rank} contributions {json.dumps(counts)}"
     if state.config is not None and state.config["mode"] == "sync":
         wrong = {label: pair for label, pair in counts.items()
-                 if pair[0] != state.num_workers * pair[1]}
+                 if pair[0] != elastic.contributions_expected(state, pair[1])}
+        workers = state.num_workers if state.roster is None else "the present"
         text += (f"; NOT workers x clocks for {json.dumps(wrong)}" if wrong else
-                 f"; every chunk applied {state.num_workers} workers x its clocks")
+                 f"; every chunk applied {workers} workers x its clocks")
     print(text, file=stream or sys.stderr, flush=True)

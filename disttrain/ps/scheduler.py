@@ -30,7 +30,7 @@ import time
 import uuid
 
 from disttrain.observe import channel
-from disttrain.ps import auth, protocol, transport
+from disttrain.ps import auth, protocol, scheduler_elastic as elastic, transport
 from disttrain.ps.membership import heartbeat_identity
 from disttrain.ps.protocol import Message
 
@@ -46,10 +46,12 @@ class Scheduler:
     """The rendezvous process. Single-threaded: one ROUTER socket, one loop."""
 
     def __init__(self, address, num_workers, num_servers, heartbeat_timeout=10.0,
-                 timeout=300.0, credentials=auth.FROM_ENV, incarnation=0, restart_timeout=None):
+                 timeout=300.0, credentials=auth.FROM_ENV, incarnation=0, restart_timeout=None,
+                 max_workers=None):
         """incarnation (Config.incarnation): 0 at the job's start, k after the k-th restart;
         a restarted scheduler waits up to restart_timeout (else timeout) for the job's live
-        processes to rejoin (see the module docstring)."""
+        processes to rejoin (see the module docstring). max_workers (elastic, launch -n
+        MIN:MAX): workers may join up to this many (disttrain/ps/scheduler_elastic.py)."""
         host, port = transport.split_host_port(address)
         bind_host = "*" if host in ("0.0.0.0", "") else host
         credentials = auth.resolve(credentials, "scheduler")
@@ -58,7 +60,11 @@ class Scheduler:
         self.listener = transport.Listener(bind_host, protocol.MAX_HEADER_BYTES, tcp_port=port,
                                            with_ipc=False, security=security)
         self.rejections = protocol.RejectionLog("scheduler")
-        self.size = {"worker": num_workers, "server": num_servers}
+        # Elastic (max_workers set, launch -n MIN:MAX): ranks 0..max_workers-1 exist, the
+        # job starts once num_workers of them registered, and workers join and leave later.
+        self.elastic = max_workers is not None
+        self.size = {"worker": max_workers or num_workers, "server": num_servers}
+        self.starting = {"worker": num_workers, "server": num_servers}
         self.heartbeat_timeout, self.timeout = heartbeat_timeout, timeout
         self.nodes = {}          # node id -> info dict from register (+ rank, last_seen)
         self.pending = []        # (identity, message) registrations before the book is out
@@ -112,8 +118,13 @@ class Scheduler:
             self.listener.send(identity, _heartbeat_reply(message, self.incarnation_id))
         elif message.op == "barrier":
             self._barrier(identity, message)
+        elif message.op == "goodbye" and message.meta.get("leave") is True and self.elastic:
+            elastic.leave(self, identity, message)
         elif message.op == "goodbye":
             self.said_goodbye.add(message.meta["node"])
+            self.listener.send(identity, Message("reply", message.id, "scheduler"))
+        elif message.op == "joined" and self.elastic:
+            node.pop("joining", None)
             self.listener.send(identity, Message("reply", message.id, "scheduler"))
         else:
             self._error(identity, message, f"the scheduler does not serve op {message.op!r}")
@@ -134,6 +145,8 @@ class Scheduler:
                                                   f"id, got role={role!r} node={node_id!r}")
         if self._registration_sent_again(identity, message):
             return
+        if self.book is not None and elastic.may_join(self, message):
+            return elastic.register_joiner(self, identity, message)
         if self.book is not None:
             return self._register_replacement(identity, message)
         refusal = auth.registration_refusal(message)
@@ -157,7 +170,7 @@ class Scheduler:
         self.nodes[node_id] = dict(meta, rank=requested, peer=message.peer,
                                    last_seen=time.monotonic())
         self.pending.append((identity, message))
-        if len(self.nodes) == sum(self.size.values()):
+        if len(self.nodes) == sum(self.starting.values()):
             self._send_book()
 
     def _send_book(self):
@@ -171,13 +184,14 @@ class Scheduler:
             if node.get("rank") is None:
                 node["rank"] = book[node["role"]].index(None)
                 book[node["role"]][node["rank"]] = node
-        public = {role: [{k: n[k] for k in PUBLIC} for n in nodes]
+        public = {role: [n and {k: n[k] for k in PUBLIC} for n in nodes]   # None: a free rank
                   for role, nodes in book.items()}
         self.book = public
         for identity, message in self.pending:
             node = self.nodes[message.meta["node"]]
             self.listener.send(identity, Message("reply", message.id, "scheduler", meta={
-                "rank": node["rank"], "book": public, "incarnation": self.incarnation_id}))
+                "rank": node["rank"], "book": public, "incarnation": self.incarnation_id,
+                "elastic": self.elastic}))
         self.pending = []
 
     def _barrier(self, identity, message):
@@ -193,6 +207,8 @@ class Scheduler:
         waiting.append((identity, message.id, node_id))
         self.barriers[group] = waiting
         needed = sum(self.size.values()) if group == "all" else self.size[group]
+        if self.elastic:   # the workers in the job now
+            needed = elastic.group_size(self, group)
         if len(waiting) == needed:
             for waiter, request_id, waiter_node in waiting:
                 self.listener.send(waiter, Message("reply", request_id, "scheduler"))
@@ -411,6 +427,8 @@ class Scheduler:
     def all_workers_left(self):
         if self.book is None:   # a restarted scheduler that not everyone has rejoined yet
             return False
+        if self.elastic:
+            return elastic.all_workers_left(self)
         workers = [i for i, n in self.nodes.items() if n["role"] == "worker"]
         return len(workers) == self.size["worker"] and set(workers) <= self.said_goodbye
 

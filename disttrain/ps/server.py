@@ -10,8 +10,8 @@ import numpy as np
 from disttrain.observe.server import ServerObserver
 from disttrain.optim import rules
 from disttrain.tensor import RowSparseGrad
-from disttrain.ps import (auth, group as groups, protocol, rebuild, recovery, replica, snapshot,
-                           transport)
+from disttrain.ps import (auth, elastic, group as groups, protocol, rebuild, recovery, replica,
+                           snapshot, transport)
 from disttrain.ps.layout import Chunk, chunk_layout
 from disttrain.ps.protocol import MODES, Message, Payload, RequestError
 
@@ -219,6 +219,7 @@ class ServerState:
         # (id -> chunk), and whether a sync push is answered only once its clock is applied.
         self.updated = {}
         self.hold_pushes = False
+        self.roster = None            # elastic jobs: which workers count at which clock
 
     # --- dispatch -------------------------------------------------------------
     def handle(self, route, message):
@@ -244,12 +245,15 @@ class ServerState:
                 replies = [(route, recovery.recover_reply(self, message, self._worker_rank(message)))]
             elif message.op == "stats":
                 replies = [(route, recovery.stats_reply(self, message))]
+            elif message.op == "joined":   # a new worker (elastic): where it starts
+                replies = [(route, elastic.joined_reply(self, message, self._worker_rank(message)))]
             else:
                 raise RequestError(f"a server does not serve op {message.op!r}")
         except RequestError as error:
             return [(route, protocol.error_reply(message.id, self.sender, str(error)))]
         replies += self._answer_ready_pulls()
         self._pass_on_checkpoint_request(message, replies)
+        elastic.tell_members(self, replies)
         return replies
 
     def _pass_on_checkpoint_request(self, message, replies):
@@ -483,6 +487,8 @@ class ServerState:
         units = self._push_units(message, keys)
         # A chunk that already has this (worker, clock) push skips it (ps/recovery.py).
         units = recovery.fresh_units(units, recovery.replayed(keys, rank, clock))
+        if self.roster is not None:   # "leave" / "join" marks (ps/elastic.py)
+            elastic.take_marks(self, rank, message.meta)
         sync = self.config["mode"] == "sync"
         for target, gradient in units:
             for key in target.members:
@@ -494,13 +500,15 @@ class ServerState:
             if not sync:
                 self._apply(target, accumulator, lr, 1)
                 self._count_update(target, 1)
-            # Clocks are applied in order, each once all N workers pushed it.
+            # Clocks are applied in order, each once all N workers pushed it (elastic: the
+            # N that count at that clock).
             while sync and target.pending.get(target.version) and \
-                    target.pending[target.version].count == self.num_workers:
+                    target.pending[target.version].count == elastic.expected(self, target.version):
                 if self.keep_previous:
                     recovery.keep_previous(target)
-                self._apply(target, target.pending.pop(target.version), lr, self.num_workers)
-                self._count_update(target, self.num_workers)
+                workers = elastic.expected(self, target.version)
+                self._apply(target, target.pending.pop(target.version), lr, workers)
+                self._count_update(target, workers)
         return keys
 
     def _count_update(self, target, contributions):
@@ -528,7 +536,7 @@ class ServerState:
         N pushed values; async / ssp move the stored value 1/N of the way to each push."""
         total = accumulator.materialize()
         if self.config["mode"] == "sync":
-            np.divide(total, self.num_workers, out=key.param)
+            np.divide(total, accumulator.count, out=key.param)
         else:
             key.param += (total - key.param) / self.num_workers
         key.spare.append(total)
@@ -556,7 +564,8 @@ class ServerState:
         if mode == "ssp":
             # The puller is at `clock`; it may run at most `staleness` clocks ahead of the
             # slowest worker.
-            return all(min(key.pushes) >= clock - self.config["staleness"] for key in keys)
+            return all(elastic.slowest(self, key) >= clock - self.config["staleness"]
+                       for key in keys)
         return True
 
     def _answer_ready_pulls(self):
@@ -658,10 +667,15 @@ def serve(membership, max_message_bytes=protocol.DEFAULT_MAX_MESSAGE_BYTES, host
         receive = replication.receive if replication is not None else listener.receive
         # Without a replica, a restarted server waits for worker 0's weights (ps/rebuild.py).
         awaiting = rebuild.AwaitWeights(state) if restarted and not replicas else None
+        if membership.elastic:   # the workers of the book are those that count at clock 0
+            state.roster = elastic.Roster(r for r, entry in enumerate(book["worker"]) if entry)
         observer = ServerObserver(membership.rank, state, membership.clock, observe,
                                   metrics_dir)
         book_version = membership.book_version
-        newcomers = recovery.Newcomers(membership.restart_timeout and membership.heartbeat_timeout)
+        # A replacement's (recovery) or a joiner's (elastic) first requests can overtake
+        # the book notice that names it.
+        newcomers = recovery.Newcomers((membership.restart_timeout or membership.elastic)
+                                       and membership.heartbeat_timeout)
         while not membership.shutdown.is_set():
             if membership.dead:
                 return 1
