@@ -11,19 +11,20 @@ stop-scheduler (kill -9 / SIGSTOP of worker 1, server 1 or the scheduler of the 
 started, found in that launcher's process tree by DISTTRAIN_ROLE / DISTTRAIN_RANK in
 /proc/PID/environ); link-down-3s, link-down-30s (the ssh back end over network namespaces made
 here, worker 1's host loses its link: needs root and iproute2); worker-add, worker-remove
-(elastic membership, `-n MIN:MAX`). Each fault is injected --inject-after seconds after the
-first step a worker recorded in its --metrics-dir file.
+(elastic membership: `-n 2:3` / `-n 1:2` with a --host-discovery-script made here whose slots
+go from 2 to 3 / from 2 to 1, followed by SIGTERM to worker 1). Each fault is injected
+--inject-after seconds after the first step a worker recorded in its --metrics-dir file.
 
 Columns: "detected after": from the injection to the first line that names the fault (a
-`launch: restarting`, `disttrain: dead:`, `unresponsive` or launcher failure line);
+`launch: restarting`, `disttrain: dead:`, `unresponsive` or launcher failure line; for the
+elastic rows `launch: worker 2 joined on host ...` / `launch: worker 1 left on host ...`);
 "recovered": exit 0 and test accuracy >= --min-accuracy; "extra wall": the run's wall time
 minus the baseline's, measured first in the same invocation (the link rows against a baseline
 of their own on the namespaces); "left over": processes of the launcher's tree (recorded from
 /proc while it ran) still alive once it exited; the script then kills exactly those.
 A row that runs past 5 x baseline + 60 s is "hung": the launcher gets SIGTERM, then SIGKILL.
-JSON: rows that could not run here (elastic rows the launcher rejects, link rows without root)
-are not counted and are listed under "not_counted"; "worst_extra_s" is over recovered rows;
-"min_accuracy" is null when a counted row produced no accuracy.
+JSON: rows that could not run here (link rows without root) are not counted and are listed
+under "not_counted"; "worst_extra_s" is over recovered rows; "min_accuracy" is null when a counted row produced no accuracy.
 """
 
 import argparse
@@ -47,7 +48,6 @@ POLL_S = 0.05
 SETTLE_S = 5.0           # an exiting process gets this long before it counts as left over
 BASELINE_DEADLINE_S = 1800.0
 STOP_WAIT_S = 30.0       # a hung launcher's time to stop its job after our SIGTERM
-PROBE_DEADLINE_S = 60.0  # an elastic launch that was accepted is stopped after this long
 # What names a fault: the launcher restarting or failing, a process naming a dead or
 # frozen peer (`[worker 0] disttrain: dead: worker 1 (no heartbeat for 10.2 s)`).
 DETECTION = re.compile(r"^launch: restarting |^launch: .* exited with code |"
@@ -308,12 +308,52 @@ class LinkFault:
 
 
 class ElasticFault:
-    """A worker added or removed mid-run: needs `-n MIN:MAX`, which is asked of the launcher
-    first; this script drives no membership change until the launcher accepts it."""
+    """A worker added or removed mid-run in an elastic job (`-n MIN:MAX`, local back end): the
+    launcher reads its slots from a --host-discovery-script made here, which prints a file that
+    holds `localhost:SLOTS`. At injection the file is rewritten to `localhost:TO`; to remove
+    a worker, worker 1 then gets SIGTERM (it leaves after its step and exits 0)."""
     backend = "elastic"
 
-    def __init__(self, workers, what):
-        self.workers, self.what = workers, what
+    def __init__(self, workers, slots, to, leaver=None):
+        self.workers, self.slots, self.to, self.leaver = workers, slots, to, leaver
+        self.detection = re.compile(
+            rf"^launch: worker {leaver} left on host \S+; its rank is free" if leaver is not None
+            else r"^launch: worker \d+ joined on host ")
+        self.slots_file = None
+
+    def launcher_options(self, directory):
+        """Writes the slots file and the discovery script into `directory`; the launcher's
+        options that name the script."""
+        self.slots_file = os.path.join(directory, "slots")
+        write_atomically(self.slots_file, f"localhost:{self.slots}\n")
+        script = os.path.join(directory, "discover.sh")
+        write_atomically(script, f"#!/bin/sh\ncat '{self.slots_file}'\n")
+        os.chmod(script, 0o755)
+        return ["--host-discovery-script", script]
+
+    def inject(self, run):
+        # The slots first: the launcher must not start a new worker on the leaver's slot.
+        write_atomically(self.slots_file, f"localhost:{self.to}\n")
+        if self.leaver is None:
+            return None
+        pid = run.tree.scan().program("worker", self.leaver)
+        if pid is None:
+            return f"no worker {self.leaver} found to send SIGTERM"
+        os.kill(pid, signal.SIGTERM)
+        return None
+
+    def tick(self, run):
+        pass
+
+    def finish(self, run):
+        pass
+
+
+def write_atomically(path, text):
+    """A reader (the discovery script) sees the old content or the new, never a part."""
+    with open(path + ".tmp", "w") as out:
+        out.write(text)
+    os.replace(path + ".tmp", path)
 
 
 FAULTS = {
@@ -325,8 +365,8 @@ FAULTS = {
     "stop-scheduler": ProcessFault(signal.SIGSTOP, "scheduler", None),
     "link-down-3s": LinkFault(3.0),
     "link-down-30s": LinkFault(30.0),
-    "worker-add": ElasticFault("2:3", "adding a worker"),
-    "worker-remove": ElasticFault("1:2", "removing a worker"),
+    "worker-add": ElasticFault("2:3", slots=2, to=3),
+    "worker-remove": ElasticFault("1:2", slots=2, to=1, leaver=1),
 }
 
 
@@ -336,7 +376,8 @@ class Run:
     """One launcher, watched until it exits: injects `fault` (if any) after the first step,
     times the first line that names it, and counts what the launcher left behind."""
 
-    def __init__(self, argv, metrics_dir, hosts=None):
+    def __init__(self, argv, metrics_dir, hosts=None, detection=DETECTION):
+        self.detection_pattern = detection
         self.tag = uuid.uuid4().hex[:12]
         self.metrics_dir, self.hosts = metrics_dir, hosts
         env = {**os.environ, TAG_VARIABLE: self.tag,
@@ -440,8 +481,9 @@ class Run:
     def detection(self):
         if self.injected_at is None:
             return None
-        found = [match for match in (self.stderr.first_match(self.injected_at, DETECTION),
-                                     self.stdout.first_match(self.injected_at, DETECTION)) if match]
+        found = [match for match in (self.stderr.first_match(self.injected_at, self.detection_pattern),
+                                     self.stdout.first_match(self.injected_at, self.detection_pattern))
+                 if match]
         return min(found) if found else None
 
 
@@ -497,13 +539,24 @@ def baseline(args, scratch, backend, hosts=None):
     return {"wall_s": run.wall_s, "accuracy": summary["test_accuracy"], "left_over": run.left_over}
 
 
+def fault_argv(args, fault, directory, metrics_dir, hosts=None):
+    """The launcher command of one fault's run; an elastic row's discovery script goes into
+    `directory`."""
+    if fault.backend == "elastic":
+        return launcher_argv(args, workers=fault.workers,
+                             backend_options=fault.launcher_options(directory),
+                             command=worker_command(args, metrics_dir))
+    options = hosts.launcher_options() if hosts else []
+    return launcher_argv(args, backend_options=options, command=worker_command(args, metrics_dir))
+
+
 def measure(args, scratch, name, fault, base, hosts=None):
     metrics_dir = tempfile.mkdtemp(dir=scratch)
-    options = hosts.launcher_options() if hosts else []
+    argv = fault_argv(args, fault, tempfile.mkdtemp(dir=scratch), metrics_dir, hosts)
     deadline_s = 5 * base["wall_s"] + 60
     say(f"{name}: running (deadline {deadline_s:.0f} s) ...")
-    run = Run(launcher_argv(args, backend_options=options, command=worker_command(args, metrics_dir)),
-              metrics_dir, hosts).watch(fault, args.inject_after, deadline_s)
+    run = Run(argv, metrics_dir, hosts, getattr(fault, "detection", DETECTION)).watch(
+        fault, args.inject_after, deadline_s)
     keep_log(args, name, run)
     summary = summary_of(run.stdout)
     accuracy = summary.get("test_accuracy") if summary else None
@@ -522,22 +575,6 @@ def measure(args, scratch, name, fault, base, hosts=None):
     }
     say(f"{name}: exit {code}, {run.wall_s:.1f} s, {run.left_over} left over")
     return row
-
-
-def probe_elastic(args, scratch, name, fault):
-    """The launcher's answer to `-n MIN:MAX`: its error line, or acceptance."""
-    metrics_dir = tempfile.mkdtemp(dir=scratch)
-    run = Run(launcher_argv(args, workers=fault.workers, command=worker_command(args, metrics_dir)),
-              metrics_dir).watch(deadline_s=PROBE_DEADLINE_S)
-    keep_log(args, name, run)
-    errors = [line for _, line in run.stderr.lines if "error" in line.lower()]
-    if run.popen.returncode != 0 and errors and not run.hung:
-        why = f"not supported: {errors[-1]}"
-    else:
-        why = (f"not measured: the launcher accepted -n {fault.workers} (exit {run.popen.returncode}), "
-               f"but this script does not drive {fault.what} yet")
-    return {"fault": name, "counted": False, "why": why, "left_over": run.left_over,
-            "notes": run.notes}
 
 
 def skipped(name, why):
@@ -632,12 +669,10 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="fault-matrix-") as scratch:
         for name in args.faults:
             fault = FAULTS[name]
-            if fault.backend == "local":
+            if fault.backend in ("local", "elastic"):   # elastic rows: the same job, local
                 if "local" not in bases:
                     bases["local"] = baseline(args, scratch, "local")
                 rows.append(measure(args, scratch, name, fault, bases["local"]))
-            elif fault.backend == "elastic":
-                rows.append(probe_elastic(args, scratch, name, fault))
         link_rows = [name for name in args.faults if FAULTS[name].backend == "netns"]
         if link_rows:
             why = namespaces_unavailable()
