@@ -1,8 +1,9 @@
-"""scripts/fault_matrix.py on a tiny MNIST job: the shape of its table and JSON line, the
-elastic rows left out of the counts, and nothing left running after a fault."""
+"""scripts/fault_matrix.py on a tiny MNIST job: the shape of its table and JSON line, and
+nothing left running after a fault; the elastic rows' launcher command and discovery script."""
 
 import contextlib
 import importlib.util
+import types
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import pytest
 
 from tests.integration.conftest import (
     PYTHON, ROOT, TAG_VARIABLE, kill_tagged, new_tag, wait_for_no_tagged)
+from launch.elastic import discover
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -36,7 +38,7 @@ def test_killed_worker_without_restarts_ends_the_job_detected_and_with_nothing_l
     tag = new_tag()
     # A 32-step job (2000 examples over 2 workers), slowed so the fault lands mid-run.
     result = subprocess.run(
-        [PYTHON, SCRIPT, "--max-restarts", "0", "--faults", "kill-worker,worker-add",
+        [PYTHON, SCRIPT, "--max-restarts", "0", "--faults", "kill-worker",
          "--limit-train", "2000", "--inject-after", "0", "--min-accuracy", "0.5",
          "--", "--slow-ms", "50", "--no-progress"],
         cwd=ROOT, capture_output=True, text=True, timeout=900,
@@ -54,13 +56,11 @@ def test_killed_worker_without_restarts_ends_the_job_detected_and_with_nothing_l
     assert (recovered, accuracy, left_over) == ("no", "-", "0")
     assert exit_code == "137"   # the launcher's 128 + SIGKILL, naming the killed worker
     assert "launch: worker 1 exited with code -9" in result.stdout
-    # The launcher rejects -n MIN:MAX today: the row says so, counted nowhere.
-    assert rows["worker-add"][1].startswith(("not supported: ", "not measured: ")), rows
     totals = json.loads(result.stdout.strip().splitlines()[-1])
     assert list(totals)[:4] == ["faults", "recovered", "worst_extra_s", "min_accuracy"]
     assert (totals["faults"], totals["recovered"], totals["worst_extra_s"]) == (1, 0, None)
     assert totals["min_accuracy"] is None   # the killed job printed no accuracy
-    assert list(totals["not_counted"]) == ["worker-add"]
+    assert totals["not_counted"] == {}
     assert totals["left_over"] == 0
     assert tagged_left == []
 
@@ -90,3 +90,54 @@ def test_process_tree_still_counts_a_child_orphaned_when_its_parent_exited():
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(orphan, signal.SIGKILL)
+
+
+class FakeTree:
+    """Stands in for a run's ProcessTree: `program` hands out one process of the test's own
+    and records what the slots file held at that moment."""
+
+    def __init__(self, pid, slots_file):
+        self.pid, self.slots_file, self.asked = pid, slots_file, []
+
+    def scan(self):
+        return self
+
+    def program(self, role, rank):
+        with open(self.slots_file) as slots:
+            self.asked.append((role, rank, slots.read().strip()))
+        return self.pid
+
+
+def test_elastic_rows_give_the_launcher_a_discovery_script_whose_slots_change_at_injection(tmp_path):
+    fault_matrix = load_script()
+    args = fault_matrix.parse_args(["--max-restarts", "0", "--faults", "worker-add,worker-remove"])
+    add = fault_matrix.FAULTS["worker-add"]
+    for directory in ("add", "remove"):
+        os.makedirs(tmp_path / directory)
+    argv = fault_matrix.fault_argv(args, add, str(tmp_path / "add"), str(tmp_path / "metrics"))
+    options = argv[argv.index("-m"):argv.index("--")]
+    assert options[:5] == ["-m", "launch", "-n", "2:3", "-s"]
+    script = options[options.index("--host-discovery-script") + 1]
+    # The launcher's own reader of the script: one host, this machine, with 2 slots, then 3.
+    assert [(host.name, host.slots) for host in discover(script)] == [("localhost", 2)]
+    assert add.inject(run=None) is None   # adding a worker signals nobody
+    assert [(host.name, host.slots) for host in discover(script)] == [("localhost", 3)]
+
+    remove = fault_matrix.FAULTS["worker-remove"]
+    argv = fault_matrix.fault_argv(args, remove, str(tmp_path / "remove"), str(tmp_path / "metrics"))
+    assert argv[argv.index("-n") + 1] == "1:2"
+    script = argv[argv.index("--host-discovery-script") + 1]
+    assert [(host.name, host.slots) for host in discover(script)] == [("localhost", 2)]
+    leaver = subprocess.Popen(["sleep", "60"])
+    try:
+        tree = FakeTree(leaver.pid, remove.slots_file)
+        assert remove.inject(types.SimpleNamespace(tree=tree)) is None
+        assert leaver.wait(timeout=20) == -signal.SIGTERM   # SIGTERM: a graceful leave, not -9
+        # The slot was gone before the worker was looked up and signalled, so the launcher
+        # cannot start a replacement on it.
+        assert tree.asked == [("worker", 1, "localhost:1")]
+        assert [(host.name, host.slots) for host in discover(script)] == [("localhost", 1)]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            leaver.kill()
+        leaver.wait()
