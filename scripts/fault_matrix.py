@@ -512,11 +512,17 @@ def say(text):
 
 
 def keep_log(args, name, run):
+    """Each line with its arrival time in seconds from the launch (`+12.345`), and the
+    injection as a line of its own, so that a log shows which message came when."""
     if args.log_dir:
         os.makedirs(args.log_dir, exist_ok=True)
         for stream in ("stdout", "stderr"):
+            lines = list(getattr(run, stream).lines)
+            if run.injected_at is not None:
+                lines.append((run.injected_at, "fault_matrix: fault injected"))
             with open(os.path.join(args.log_dir, f"{name}.{stream}"), "w") as log:
-                log.write(getattr(run, stream).text() + "\n")
+                for at, line in sorted(lines, key=lambda pair: pair[0]):
+                    log.write(f"+{at - run.started:.3f} {line}\n")
 
 
 def baseline(args, scratch, backend, hosts=None):
@@ -646,7 +652,7 @@ def parse_args(argv):
                         help="test accuracy a recovered run must reach (default %(default)g)")
     parser.add_argument("--inject-after", type=float, default=2.0,
                         help="seconds after the first recorded step (default %(default)g)")
-    parser.add_argument("--log-dir", help="keep each run's launcher output here")
+    parser.add_argument("--log-dir", help="keep each run's launcher output here, lines timed")
     parser.add_argument("--json-only", action="store_true", help="print only the JSON line")
     parser.add_argument("worker_args", nargs=argparse.REMAINDER,
                         help="after --: more flags for workers/mnist.py")
