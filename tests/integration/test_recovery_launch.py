@@ -78,15 +78,41 @@ def servers_contributions(stderr):
     return found
 
 
+def output_of(stderr, name):
+    """What process `name` ("worker 1") wrote to stderr, every incarnation, unprefixed."""
+    prefix = f"[{name}] "
+    return "\n".join(line[len(prefix):] for line in stderr.splitlines() if line.startswith(prefix))
+
+
+def assert_recovered_in_place(stderr, role, rank):
+    """The restarted process took its predecessor's place, as its role recovers."""
+    if role == "scheduler":
+        assert "scheduler: all 4 processes are back (incarnation 1)" in \
+            output_of(stderr, role), stderr
+        for name in ("server 0", "server 1", "worker 0", "worker 1"):
+            assert re.search(rf"rejoined scheduler incarnation \w+ \(restart 1\) as {name}$",
+                             output_of(stderr, name), re.MULTILINE), stderr
+    elif role == "server":
+        assert re.search(rf"server {rank} restarted: rebuilt \d+ chunks exactly from the replica "
+                         rf"on server {1 - rank} ", output_of(stderr, f"server {rank}")), stderr
+    else:
+        said = output_of(stderr, f"worker {rank}")
+        clock = int(re.search(rf"worker {rank} recovered: a replacement, resuming at clock (\d+)",
+                              said).group(1))
+        # Rank 0 had logged KILL_AFTER_STEPS steps before the kill: the job's clock was past them.
+        assert KILL_AFTER_STEPS <= clock < STEPS and f"continues at step {clock} " in said, said
+
+
 def run_job(launch_run, tmp_path, hosts=None, victim=None):
     """Run the job; with `victim` (role, rank), kill -9 that process once rank 0 logged a
-    few steps. Returns the finished run and the name of the host the victim ran on."""
+    few steps. Returns the finished run (exit 0, nothing of it left running)."""
     tag, loss_log = new_tag(), tmp_path / "loss.log"
     run = launch_run(launch_argv(tag, loss_log, hosts), tag)
     if victim is not None:
-        wait_until(lambda: steps_logged(loss_log) >= KILL_AFTER_STEPS or run.popen.poll() is not None,
-                   JOB_DEADLINE_S, "rank 0 to log its first steps")
-        assert run.popen.poll() is None, f"the job ended before the kill: {run.finish()}"
+        wait_until(lambda: steps_logged(loss_log) >= KILL_AFTER_STEPS or
+                   run.popen.poll() is not None, JOB_DEADLINE_S, "rank 0 to log its first steps")
+        assert run.popen.poll() is None, \
+            f"the job ended before the kill, exit {run.finish()}:\n{run.stderr[-4000:]}"
         pid = wait_until(lambda: program_of(tag, *victim, 0), JOB_DEADLINE_S,
                          f"{victim} to be found")
         os.kill(pid, signal.SIGKILL)
@@ -141,6 +167,7 @@ def test_a_process_killed_mid_run_is_restarted_and_the_job_ends_as_an_unbroken_o
     assert f"launch: restarting {name} ({why}), restart 1 of 1\n" in run.stderr, run.stderr[-4000:]
     assert run.stderr.count("launch: restarting ") == 1
     assert run.stderr.strip().splitlines()[-1].endswith("restarts 1 of 1")
+    assert_recovered_in_place(run.stderr, role, rank)
     got = summary_of_rank_0(run.stdout)
     assert (got["steps"], got["train_loss"], got["test_accuracy"]) == \
         (expected["steps"], expected["train_loss"], expected["test_accuracy"])
