@@ -146,6 +146,7 @@ def unbroken(tmp_path_factory):
     def summary(backend, launch_run, hosts):
         if backend not in summaries:
             run = run_job(launch_run, tmp_path_factory.mktemp(f"unbroken-{backend}"), hosts)
+            assert "launch: restarting" not in run.stderr, run.stderr[-4000:]
             summaries[backend] = summary_of_rank_0(run.stdout)
         return summaries[backend]
     return summary
