@@ -193,6 +193,7 @@ class Job:
         self.max_restarts = max_restarts
         self.elastic = elastic   # a launch.elastic.Elastic (-n MIN:MAX): workers come and go
         self.restarts = 0
+        self.scheduler_silent = {}  # reporter name -> when it last reported the scheduler silent
         self.log_file_of = {}  # process name -> its --log-dir file, which a replacement continues
         self.collector = collector  # a launch.observe.Collector: timeline and reports
         self.log_dir = log_dir
@@ -402,10 +403,32 @@ class Job:
             silent_s = max(silent_s or 0.0, heartbeat_timeout(self._child_named(reporter)))
             if time.monotonic() - child.started_at < silent_s:
                 continue
+            if role == "scheduler" and not self._most_report_the_scheduler(reporter, why):
+                continue
             then = "to restart it" if self._may_restart() else "(no restart left)"
             self._say(f"{reporter} reports {child.name} unresponsive ({why}); killing it {then}")
             child.unresponsive = why
             child.kill_at_once()
+
+    def _most_report_the_scheduler(self, reporter, why):
+        """True once more than half of the running workers and servers reported the
+        scheduler silent within one heartbeat timeout. A frozen scheduler falls silent for
+        all of them at once; a host whose link is down hears nothing either, but its
+        processes alone are no majority, and the scheduler reports them instead."""
+        now = time.monotonic()
+        self.scheduler_silent[reporter] = now
+        voters = {child.name for child in self.children
+                  if child.running and child.process.role != "scheduler"}
+        window = heartbeat_timeout(self._child_named(reporter)) or STOP_GRACE_S
+        agreeing = {name for name, at in self.scheduler_silent.items()
+                    if name in voters and now - at <= window}
+        if 2 * len(agreeing) > len(voters):
+            self.scheduler_silent.clear()
+            return True
+        self._say(f"{reporter} reports scheduler unresponsive ({why}); {len(agreeing)} of "
+                  f"{len(voters)} processes do, waiting for a majority (a host cut off "
+                  f"hears no scheduler either)")
+        return False
 
     def _child(self, role, rank):
         return next((child for child in self.children

@@ -5,6 +5,7 @@ spent; then the job ends as without restarts. Fake programs stand in for the job
 
 import json
 import os
+import re
 import signal
 import subprocess
 
@@ -239,11 +240,10 @@ def test_a_late_report_about_a_replaced_worker_leaves_its_replacement_alone(laun
     assert wait_for_no_tagged(tag) == []
 
 
-def test_a_scheduler_reported_unresponsive_by_a_worker_is_killed_and_restarted_once(
+def test_a_scheduler_reported_unresponsive_by_most_processes_is_killed_and_restarted_once(
         launch_run, tmp_path):
-    """Worker 0 reports the frozen scheduler; worker 1 reports it too, but only after the
-    restart: silent for longer than the new scheduler has run, its report is about the old
-    one, and the new scheduler (with a restart left to spend) is left alone."""
+    """Both workers report the frozen scheduler: two of the three workers and servers are a
+    majority, and the second report kills it to restart it (the first waits for it)."""
     tag, files = new_tag(), Files(tmp_path)
     run = launch_run(restart_argv(files, tag, "--max-restarts", "2",
                                   worker_options=["--report-scheduler"]), tag)
@@ -253,17 +253,37 @@ def test_a_scheduler_reported_unresponsive_by_a_worker_is_killed_and_restarted_o
         wait_for_started(files, f"worker {rank}", 1)
     os.kill(scheduler, signal.SIGSTOP)
     (tmp_path / "frozen-scheduler.0").touch()
-    wait_for_started(files, "scheduler", 2)
     (tmp_path / "frozen-scheduler.1").touch()
-    # The launcher acts on a report in the pass that relays the line after it.
-    wait_until(lambda: "reported scheduler" in files.log("worker 1"), 20, "worker 1's report")
+    wait_for_started(files, "scheduler", 2)
     files.release.touch()
     assert run.finish() == 0, run.stderr
-    assert ("launch: worker 0 reports scheduler unresponsive (no heartbeat reply (test)); "
-            "killing it to restart it\n") in run.stderr
+    waited = re.findall(r"launch: worker (\d) reports scheduler unresponsive \(no heartbeat "
+                        r"reply \(test\)\); 1 of 3 processes do, waiting for a majority", run.stderr)
+    killed = re.findall(r"launch: worker (\d) reports scheduler unresponsive \(no heartbeat "
+                        r"reply \(test\)\); killing it to restart it\n", run.stderr)
+    assert sorted(waited + killed) == ["0", "1"], run.stderr
     assert "launch: restarting scheduler (no heartbeat reply (test)), restart 1 of 2\n" in run.stderr
-    assert "worker 1 reports" not in run.stderr
     assert summary(run.stderr).endswith("restarts 1 of 2")
+    assert wait_for_no_tagged(tag) == []
+
+
+def test_one_process_that_hears_no_scheduler_is_no_reason_to_restart_it(launch_run, tmp_path):
+    """A host whose link is down hears no scheduler either: one worker's report alone (one of
+    three workers and servers) kills nothing; the scheduler, which reports that worker in
+    turn, is the one heard."""
+    tag, files = new_tag(), Files(tmp_path)
+    run = launch_run(restart_argv(files, tag, "--max-restarts", "1",
+                                  worker_options=["--report-scheduler"]), tag)
+    wait_for_started(files, "scheduler", 1)
+    for rank in (0, 1):
+        wait_for_started(files, f"worker {rank}", 1)
+    (tmp_path / "frozen-scheduler.0").touch()
+    wait_until(lambda: "reported scheduler" in files.log("worker 0"), 20, "worker 0's report")
+    files.release.touch()
+    assert run.finish() == 0, run.stderr
+    assert "1 of 3 processes do, waiting for a majority" in run.stderr
+    assert "restarting scheduler" not in run.stderr
+    assert summary(run.stderr).endswith("restarts 0 of 1")
     assert wait_for_no_tagged(tag) == []
 
 
