@@ -504,6 +504,8 @@ def launcher_argv(args, workers="2", backend_options=(), command=()):
             argv += ["--restart-timeout", f"{args.restart_timeout:g}"]
     if args.server_replicas:
         argv += ["--server-replicas", str(args.server_replicas)]
+    if args.heartbeat_timeout is not None:   # how long a silence must last to be a fault
+        argv += ["--env", f"DISTTRAIN_HEARTBEAT_TIMEOUT={args.heartbeat_timeout:g}"]
     return argv + ["--", *command]
 
 
@@ -642,6 +644,9 @@ def parse_args(argv):
     parser.add_argument("--max-restarts", type=int, default=1,
                         help="passed to the launcher (left out at 0: today's fail-fast launcher)")
     parser.add_argument("--restart-timeout", type=float, help="passed to the launcher when given")
+    parser.add_argument("--heartbeat-timeout", type=float,
+                        help="DISTTRAIN_HEARTBEAT_TIMEOUT for every process (default 10 s): a "
+                             "link down for less than this is ridden out, not a fault")
     parser.add_argument("--server-replicas", type=int, default=0,
                         help="passed to the launcher when not 0")
     parser.add_argument("--faults", default=",".join(FAULTS),
